@@ -1,0 +1,3 @@
+"""completion family of skreg (public names listed in __all__)."""
+
+__all__ = []

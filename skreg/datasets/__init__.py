@@ -1,0 +1,3 @@
+"""Generators of problems with planted solutions, and loaders of packaged data."""
+
+__all__ = []

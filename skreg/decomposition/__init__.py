@@ -1,0 +1,3 @@
+"""decomposition family of skreg (public names listed in __all__)."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""nets family of skreg (public names listed in __all__)."""
+
+__all__ = []

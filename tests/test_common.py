@@ -1,0 +1,44 @@
+"""Every public estimator through scikit-learn's own conformance checks."""
+
+import inspect
+
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skreg.utils.discovery import all_estimators
+
+# Constructor arguments that keep the checks fast; they change no behaviour checked.
+CHECK_PARAMS = {}
+
+# {estimator name: {check name: written reason}}; the goal is an empty table.
+EXPECTED_FAILED_CHECKS = {}
+
+ESTIMATORS = all_estimators()
+
+
+def _instances():
+    return [cls(**CHECK_PARAMS.get(name, {})) for name, cls in ESTIMATORS]
+
+
+def _expected_failed_checks(estimator):
+    return EXPECTED_FAILED_CHECKS.get(type(estimator).__name__, {})
+
+
+@parametrize_with_checks(_instances(), expected_failed_checks=_expected_failed_checks)
+def test_estimator_passes_sklearn_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize("name, cls", ESTIMATORS, ids=[n for n, _ in ESTIMATORS])
+def test_estimator_takes_a_device_parameter_defaulting_to_auto(name, cls):
+    params = inspect.signature(cls.__init__).parameters
+    assert "device" in params, f"{name} has no device parameter"
+    assert params["device"].default == "auto"
+
+
+def test_expected_failure_tables_name_only_existing_estimators():
+    names = {name for name, _ in ESTIMATORS}
+    assert set(EXPECTED_FAILED_CHECKS) <= names
+    assert set(CHECK_PARAMS) <= names
+    for reasons in EXPECTED_FAILED_CHECKS.values():
+        assert all(isinstance(r, str) and len(r) > 20 for r in reasons.values())
