@@ -2,6 +2,7 @@
 generated from every family's ``__all__``."""
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -15,22 +16,15 @@ release = version = skreg.__version__
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "numpydoc",
+    "myst_parser",
     "sphinx_gallery.gen_gallery",
 ]
 
 html_theme = "pydata_sphinx_theme"
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
-autosummary_generate = True
 numpydoc_show_class_members = False
-intersphinx_mapping = {
-    "python": ("https://docs.python.org/3", None),
-    "sklearn": ("https://scikit-learn.org/stable", None),
-}
-intersphinx_disabled_reftypes = ["*"]
 
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",
@@ -52,10 +46,10 @@ def _write_api_page(app):
         ]
         if not public:
             continue
-        lines += [f":mod:`{name}`", "-" * (len(name) + 7), "",
-                  f".. currentmodule:: {name}", "", ".. autosummary::",
-                  "   :toctree: gen_modules", ""]
-        lines += [f"   {n}" for n in public] + [""]
+        lines += [f":mod:`{name}`", "-" * (len(name) + 7), ""]
+        for n in public:
+            kind = "class" if inspect.isclass(getattr(module, n)) else "function"
+            lines += [f".. auto{kind}:: {name}.{n}", ""]
     path = os.path.join(app.srcdir, "api.rst")
     text = "\n".join(lines)
     if not os.path.exists(path) or open(path).read() != text:
