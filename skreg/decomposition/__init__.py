@@ -1,3 +1,6 @@
-"""decomposition family of skreg (public names listed in __all__)."""
+"""Orthogonal dictionary learning, batch and online, with a recovery metric."""
 
-__all__ = []
+from ._metrics import DictionaryRecovery, dictionary_recovery
+from ._orthogonal import OrthogonalDictionaryLearning
+
+__all__ = ["DictionaryRecovery", "OrthogonalDictionaryLearning", "dictionary_recovery"]
