@@ -1,3 +1,5 @@
 """Generators of problems with planted solutions, and loaders of packaged data."""
 
-__all__ = []
+from skreg.datasets._dictionary import make_orthogonal_sparse_data
+
+__all__ = ["make_orthogonal_sparse_data"]
