@@ -1,3 +1,5 @@
-"""completion family of skreg (public names listed in __all__)."""
+"""Low-rank matrix completion by robust alternating minimization."""
 
-__all__ = []
+from skreg.completion._completer import LowRankCompleter
+
+__all__ = ["LowRankCompleter"]
