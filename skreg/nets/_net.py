@@ -117,7 +117,11 @@ class _RegularizedNetMixin:
             self.__dict__["device"] = requested
 
     def _validate_params(self):
-        super()._validate_params()
+        # skorch's own check of the ``prefix__name`` arguments needs the module,
+        # criterion and optimizer registered, i.e. an initialized net;
+        # initialize() runs it.
+        if self.initialized_:
+            super()._validate_params()
         validate_parameter_constraints(
             self._parameter_constraints, self.get_params(deep=False),
             caller_name=type(self).__name__,
@@ -139,6 +143,12 @@ class _RegularizedNetMixin:
     def set_params(self, **params):
         routed = {key: params.pop(key) for key in list(params)
                   if key.startswith("regularizers__")}
+        if "callbacks" in params:
+            # skorch builds the callbacks at once; like any other parameter they
+            # are only checked when the net is (re)initialized.
+            self.__dict__["callbacks"] = params.pop("callbacks")
+            if self.initialized_:
+                self._initialize_callbacks()
         super().set_params(**params)
         if routed:
             self._set_regularizer_params(routed)
@@ -546,6 +556,7 @@ class RegularizedNetClassifier(_RegularizedNetMixin, NeuralNetClassifier):
         -------
         ndarray of shape (n_samples,)
         """
+        check_is_fitted(self)
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
     def __sklearn_tags__(self):
@@ -676,10 +687,19 @@ class RegularizedNetRegressor(_RegularizedNetMixin, NeuralNetRegressor):
         Returns
         -------
         ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            float64 values.
         """
         check_is_fitted(self)
         y_pred = self._forward_numpy(self._check_X(X, reset=False))
+        y_pred = y_pred.astype(np.float64)
         return y_pred.ravel() if self.target_ndim_ == 1 else y_pred
+
+    @property
+    def predict_proba(self):
+        """Not available: a regressor has no class probabilities."""
+        raise AttributeError(
+            f"{type(self).__name__} has no predict_proba; use predict."
+        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
