@@ -9,6 +9,8 @@ from skreg.utils.discovery import all_estimators
 
 # Constructor arguments that keep the checks fast; they change no behaviour checked.
 CHECK_PARAMS = {
+    # The checks fit matrices with as few as one row or column: rank must fit.
+    "LowRankCompleter": {"rank": 1, "max_iter": 10},
     "RegularizedNetClassifier": {
         "max_epochs": 20, "lr": 0.02, "module__hidden_units": (16,),
     },
