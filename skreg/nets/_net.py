@@ -223,7 +223,8 @@ class _RegularizedNetMixin:
         if isinstance(self.module, nn.Module):
             module = copy.deepcopy(self.module)
             if kwargs:
-                module = type(module)(**kwargs)
+                factory = type(module)
+                module = factory(**{**self._inferred_sizes(factory), **kwargs})
             else:
                 # A fresh fit starts from fresh weights, not the last fit's.
                 for layer in module.modules():
@@ -318,7 +319,9 @@ class _RegularizedNetMixin:
         return self._train(X, y, rng, routing_method, fit_params)
 
     def _forward_numpy(self, X):
-        with self._on_device():
+        # torch's DataLoader draws a seed from the global generator even when it
+        # does not shuffle; prediction should not move it.
+        with self._on_device(), torch.random.fork_rng(devices=[]):
             return super().predict_proba(X)
 
     def group_sparsity(self, tol=0.0):
