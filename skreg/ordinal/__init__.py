@@ -1,3 +1,6 @@
-"""ordinal family of skreg (public names listed in __all__)."""
+"""Ordinal regression: PRESTO and the proportional-odds model."""
 
-__all__ = []
+from skreg.ordinal._presto import PrestoClassifier, PrestoClassifierCV
+from skreg.ordinal._proportional_odds import ProportionalOddsClassifier
+
+__all__ = ["PrestoClassifier", "PrestoClassifierCV", "ProportionalOddsClassifier"]

@@ -1,0 +1,203 @@
+"""Shared shell of the cumulative-logit classifiers: labels, weights, prediction."""
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
+
+from skreg._device import resolve_device, to_numpy, to_tensor
+from skreg.ordinal._solver import class_probabilities
+
+
+def encode_ordered_labels(y, categories):
+    """Map labels to ``0 .. K-1`` in their order; return ``(classes, codes)``.
+
+    Without ``categories`` the order is the sort order of the labels.
+    """
+    check_classification_targets(y)
+    y = np.asarray(y)
+    if categories is None:
+        classes, codes = np.unique(y, return_inverse=True)
+    else:
+        classes = np.asarray(categories)
+        if classes.ndim != 1 or classes.size == 0:
+            raise ValueError(
+                "categories must be a non-empty 1-d list of class labels in "
+                f"increasing order, got an array of shape {classes.shape}."
+            )
+        if np.unique(classes).size != classes.size:
+            raise ValueError(
+                f"categories must not repeat a label, got {classes.tolist()}."
+            )
+        order = np.argsort(classes, kind="stable")
+        pos = np.searchsorted(classes[order], y)
+        pos = np.clip(pos, 0, classes.size - 1)
+        unknown = classes[order][pos] != y
+        if unknown.any():
+            raise ValueError(
+                f"y contains labels not named in categories: "
+                f"{np.unique(y[unknown]).tolist()}; categories={classes.tolist()}."
+            )
+        codes = order[pos]
+    if classes.size < 2:
+        raise ValueError(
+            "An ordinal classifier needs at least 2 classes in y; got 1 class "
+            f"({classes[0]!r})."
+        )
+    return classes, codes
+
+
+def check_ordinal_weights(sample_weight, X, codes, classes):
+    """Validate weights (non-negative, every class with positive total weight)."""
+    weights = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                   ensure_non_negative=True)
+    totals = np.bincount(codes, weights=weights, minlength=classes.size)
+    empty = totals <= 0
+    if empty.all() or np.count_nonzero(~empty) < 2:
+        raise ValueError(
+            "An ordinal classifier needs at least 2 classes with positive sample "
+            "weight; only one class is present."
+        )
+    if empty.any():
+        raise ValueError(
+            f"class {classes[empty].tolist()} has no training sample with positive "
+            "weight; every class named in categories must be observed in training (its "
+            "threshold is not identified otherwise)."
+        )
+    return weights / weights.sum()
+
+
+def standardization(X, weights, standardize):
+    """Weighted mean and population standard deviation of each column.
+
+    Constant columns get a scale of 1 so they stay at zero after centring.
+    """
+    if not standardize:
+        p = X.shape[1]
+        return np.zeros(p), np.ones(p)
+    mean = weights @ X
+    scale = np.sqrt(weights @ np.square(X - mean))
+    scale[scale <= 1e-12 * np.maximum(np.abs(mean), 1.0)] = 1.0
+    return mean, scale
+
+
+class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
+    """Prediction shared by every model with ``P(y <= k | x) = sigmoid(eta_k)``.
+
+    Subclasses set ``coef_`` (``(K-1, p)`` or ``(p,)``), ``intercept_`` and
+    ``classes_``.
+    """
+
+    _shared_constraints = {
+        "categories": ["array-like", None],
+        "device": [str, torch.device],
+    }
+
+    def _cumulative_logits(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        device = resolve_device(self.device)
+        X_t = to_tensor(X, device)
+        coef = to_tensor(np.atleast_2d(self.coef_), device, dtype=X_t.dtype)
+        intercept = to_tensor(self.intercept_, device, dtype=X_t.dtype)
+        return intercept + X_t @ coef.T, X.dtype
+
+    def decision_function(self, X):
+        """Scores whose largest entry is the predicted class.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_classes)
+            For two classes, the log-odds of ``classes_[1]``
+            (``-(intercept_ + X @ coef_.T)``); otherwise the log class
+            probabilities.
+        """
+        eta, dtype = self._cumulative_logits(X)
+        if len(self.classes_) == 2:
+            return to_numpy(-eta[:, 0]).astype(dtype, copy=False)
+        proba, _ = class_probabilities(eta)
+        return to_numpy(torch.log(proba)).astype(dtype, copy=False)
+
+    def predict_proba(self, X):
+        """Class probabilities, in the order of ``classes_``.
+
+        Where the fitted cumulative curves cross, the cumulative probabilities are
+        first sorted (monotone rearrangement), so the result is always a valid
+        distribution; :meth:`count_crossings` says how often that happened.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        eta, dtype = self._cumulative_logits(X)
+        proba, _ = class_probabilities(eta)
+        return to_numpy(proba).astype(dtype, copy=False)
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba`."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def predict(self, X):
+        """Most probable class of each row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def count_crossings(self, X):
+        """Number of rows of ``X`` whose fitted cumulative curves cross.
+
+        Those rows are the ones :meth:`predict_proba` repairs by monotone
+        rearrangement.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        int
+        """
+        eta, _ = self._cumulative_logits(X)
+        if eta.shape[1] < 2:
+            return 0
+        return int((eta[:, 1:] < eta[:, :-1]).any(1).sum())
+
+    def _prepare_fit(self, X, y, sample_weight):
+        device = resolve_device(self.device)
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        self.classes_, codes = encode_ordered_labels(y, self.categories)
+        weights = check_ordinal_weights(sample_weight, X, codes, self.classes_)
+        return X, codes, weights, device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        return tags
+
+
+def solver_tolerance(tol, dtype):
+    """The requested tolerance, floored at what the float type can resolve."""
+    return max(tol, 1e3 * float(np.finfo(dtype).eps))
+

@@ -1,0 +1,328 @@
+"""PRESTO and proportional-odds ordinal regression."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from skreg.datasets import make_rare_ordinal
+from skreg.ordinal import (
+    PrestoClassifier,
+    PrestoClassifierCV,
+    ProportionalOddsClassifier,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # tiny problems on a shared machine: a second OpenMP thread only spins
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _class_proba(eta):
+    """Reference class probabilities from cumulative logits, in NumPy."""
+    cum = expit(eta)
+    n = len(eta)
+    return np.diff(np.hstack([np.zeros((n, 1)), cum, np.ones((n, 1))]), axis=1)
+
+
+def _nll(eta, y, w=None):
+    proba = _class_proba(eta)[np.arange(len(y)), y]
+    w = np.full(len(y), 1 / len(y)) if w is None else w / w.sum()
+    return -(w * np.log(proba)).sum()
+
+
+def _nll_grad_eta(eta, y):
+    """Reference gradient of the mean NLL with respect to the cumulative logits."""
+    n, km1 = eta.shape
+    cum = expit(eta)
+    dens = cum * (1 - cum)
+    proba = _class_proba(eta)[np.arange(n), y]
+    grad = np.zeros_like(eta)
+    rows = np.arange(n)
+    upper = y < km1
+    grad[rows[upper], y[upper]] -= dens[rows[upper], y[upper]] / proba[upper]
+    lower = y > 0
+    grad[rows[lower], y[lower] - 1] += dens[rows[lower], y[lower] - 1] / proba[lower]
+    return grad / n
+
+
+def _proportional_odds_data(n, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    coef = np.array([1.0, -0.5, 0.0])
+    intercept = np.array([-1.0, 0.5, 2.0])
+    cum = expit(intercept + (X @ coef)[:, None])
+    y = (rng.uniform(size=(n, 1)) > cum).sum(1)
+    return X, y, coef, intercept
+
+
+def test_proportional_odds_recovers_planted_parameters_on_large_n():
+    X, y, coef, intercept = _proportional_odds_data(20000, seed=0)
+    clf = ProportionalOddsClassifier(device="cpu").fit(X, y)
+    np.testing.assert_allclose(clf.coef_, coef, atol=0.05)
+    np.testing.assert_allclose(clf.intercept_, intercept, atol=0.06)
+
+
+def test_presto_recovers_planted_non_parallel_weights_on_large_n():
+    X, y, _, beta = make_rare_ordinal(n_samples=20000, n_features=3,
+                                      intercepts=(0, 2), return_coef=True,
+                                      random_state=1)
+    assert np.any(beta[1] != beta[0])
+    clf = PrestoClassifier(alpha=0.0, device="cpu").fit(X, y)
+    np.testing.assert_allclose(clf.coef_, beta, atol=0.12)
+    np.testing.assert_allclose(clf.intercept_, [0, 2], atol=0.12)
+
+
+def test_proportional_odds_matches_statsmodels_ordered_logit():
+    from statsmodels.miscmodels.ordinal_model import OrderedModel
+
+    X, y, _ = make_rare_ordinal(n_samples=400, n_features=4, random_state=3)
+    model = OrderedModel(y, X, distr="logit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = model.fit(method="bfgs", gtol=1e-8, maxiter=2000, disp=False).params
+    clf = ProportionalOddsClassifier(device="cpu").fit(X, y)
+    np.testing.assert_allclose(clf.coef_, -params[:4], atol=1e-4)
+    thresholds = model.transform_threshold_params(params)[1:-1]
+    np.testing.assert_allclose(clf.intercept_, thresholds, atol=1e-4)
+
+
+def test_huge_difference_penalty_gives_the_proportional_odds_fit():
+    X, y, _ = make_rare_ordinal(n_samples=600, n_features=4, random_state=4)
+    presto = PrestoClassifier(alpha=1e3, penalize_first=False, tol=1e-9,
+                              device="cpu").fit(X, y)
+    po = ProportionalOddsClassifier(device="cpu").fit(X, y)
+    np.testing.assert_allclose(presto.coef_, np.tile(po.coef_, (3, 1)), atol=1e-6)
+    np.testing.assert_allclose(presto.intercept_, po.intercept_, atol=1e-6)
+
+
+def test_huge_penalty_with_first_penalized_gives_the_intercept_only_fit():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=4, random_state=5)
+    clf = PrestoClassifier(alpha=1e3, device="cpu").fit(X, y)
+    assert np.all(clf.coef_ == 0)
+    shares = np.cumsum(np.bincount(y, minlength=4) / len(y))[:-1]
+    np.testing.assert_allclose(expit(clf.intercept_), shares, atol=1e-8)
+
+
+def test_zero_penalty_gives_the_separate_cumulative_logit_mle():
+    X, y, _ = make_rare_ordinal(n_samples=500, n_features=2, intercepts=(0, 2.5),
+                                random_state=6)
+    clf = PrestoClassifier(alpha=0.0, tol=1e-9, device="cpu").fit(X, y)
+    assert clf.count_crossings(X) == 0
+
+    def objective(theta):
+        intercept, coef = theta[:2], theta[2:].reshape(2, 2)
+        eta = intercept + X @ coef.T
+        if np.any(np.diff(eta, axis=1) <= 0):
+            return np.inf
+        return _nll(eta, y)
+
+    start = np.r_[np.log([0.5, 0.9 / 0.1]), np.zeros(4)]
+    ref = minimize(objective, start, method="BFGS", options={"gtol": 1e-9}).x
+    np.testing.assert_allclose(clf.intercept_, ref[:2], atol=1e-4)
+    np.testing.assert_allclose(clf.coef_, ref[2:].reshape(2, 2), atol=1e-4)
+
+
+@pytest.mark.parametrize("l1_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("penalize_first", [True, False])
+def test_returned_solution_satisfies_the_kkt_conditions(l1_ratio, penalize_first):
+    X, y, _ = make_rare_ordinal(n_samples=400, n_features=5, random_state=7)
+    lam = 0.004
+    clf = PrestoClassifier(alpha=lam, l1_ratio=l1_ratio, standardize=False,
+                           penalize_first=penalize_first, tol=1e-8,
+                           device="cpu").fit(X, y)
+    eta = clf.intercept_ + X @ clf.coef_.T
+    g_eta = _nll_grad_eta(eta, y)
+    np.testing.assert_allclose(g_eta.sum(0), 0, atol=1e-6)
+    psi = np.diff(clf.coef_, axis=0, prepend=0)
+    mask = np.ones((3, 1))
+    mask[0] = float(penalize_first)
+    # d/dpsi_j = sum over thresholds k >= j of d/dbeta_k
+    g_psi = np.cumsum((g_eta.T @ X)[::-1], axis=0)[::-1]
+    g_psi = g_psi + lam * (1 - l1_ratio) * mask * psi
+    lasso = lam * l1_ratio * mask * np.ones_like(psi)
+    zero = psi == 0
+    assert zero.any() and (~zero).any()
+    assert np.all(np.abs(g_psi[zero]) <= lasso[zero] + 1e-6)
+    np.testing.assert_allclose(g_psi[~zero], -lasso[~zero] * np.sign(psi[~zero]),
+                               atol=1e-6)
+
+
+def test_binary_target_gives_unpenalized_logistic_regression():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, intercepts=(0.5,),
+                                random_state=8)
+    clf = PrestoClassifier(alpha=0.0, tol=1e-10, device="cpu").fit(X, y)
+    ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000).fit(X, y)
+    # P(y <= 0) = sigmoid(intercept_ + coef_ x) is P(y = 1) with the signs flipped
+    np.testing.assert_allclose(clf.coef_[0], -ref.coef_[0], atol=1e-4)
+    np.testing.assert_allclose(clf.intercept_, -ref.intercept_, atol=1e-4)
+    np.testing.assert_allclose(clf.decision_function(X), ref.decision_function(X),
+                               atol=1e-4)
+
+
+def test_probabilities_are_valid_where_fitted_curves_cross():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=4, random_state=9)
+    clf = PrestoClassifier(alpha=0.0, device="cpu").fit(X, y)
+    X_far = 6 * np.random.RandomState(0).uniform(-1, 1, size=(500, 4))
+    n_crossed = clf.count_crossings(X_far)
+    assert n_crossed > 0
+    eta = clf.intercept_ + X_far @ clf.coef_.T
+    assert np.sum((np.diff(eta, axis=1) < 0).any(1)) == n_crossed
+    proba = clf.predict_proba(X_far)
+    assert proba.min() >= 0 and proba.max() <= 1
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-12)
+    # rearrangement = sorting the cumulative probabilities
+    np.testing.assert_allclose(np.cumsum(proba, 1)[:, :-1],
+                               np.sort(expit(eta), axis=1), atol=1e-12)
+
+
+def test_string_labels_give_the_same_fit_as_integer_labels():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, intercepts=(0, 2, 3.5),
+                                random_state=10)
+    names = np.array(["a_low", "b_mid", "c_high", "d_rare"])
+    ints = PrestoClassifier(alpha=0.01, device="cpu").fit(X, y)
+    strings = PrestoClassifier(alpha=0.01, device="cpu").fit(X, names[y])
+    assert list(strings.classes_) == list(names)
+    np.testing.assert_allclose(strings.predict_proba(X), ints.predict_proba(X))
+    assert np.array_equal(strings.predict(X), names[ints.predict(X)])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ProportionalOddsClassifier(device="cpu"),
+    lambda: PrestoClassifier(alpha=0.01, penalize_first=False, tol=1e-9,
+                             device="cpu"),
+])
+def test_reversing_the_categories_mirrors_the_model(make):
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, intercepts=(0, 2, 3.5),
+                                random_state=11)
+    labels = np.array(["none", "some", "many", "all"])
+    forward = make().set_params(categories=labels).fit(X, labels[y])
+    backward = make().set_params(categories=labels[::-1]).fit(X, labels[y])
+    assert list(backward.classes_) == list(labels[::-1])
+    np.testing.assert_allclose(backward.predict_proba(X)[:, ::-1],
+                               forward.predict_proba(X), atol=1e-6)
+
+
+def test_integer_sample_weights_equal_repeated_rows():
+    X, y, _ = make_rare_ordinal(n_samples=200, n_features=3, random_state=12)
+    weights = np.random.RandomState(0).randint(0, 3, size=200)
+    weighted = PrestoClassifier(alpha=0.005, tol=1e-9, device="cpu").fit(
+        X, y, sample_weight=weights)
+    repeated = PrestoClassifier(alpha=0.005, tol=1e-9, device="cpu").fit(
+        np.repeat(X, weights, axis=0), np.repeat(y, weights))
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, atol=1e-6)
+    np.testing.assert_allclose(weighted.intercept_, repeated.intercept_, atol=1e-6)
+
+
+def test_warm_start_reaches_the_same_solution():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, random_state=13)
+    cold = PrestoClassifier(alpha=0.002, tol=1e-9, device="cpu").fit(X, y)
+    warm = PrestoClassifier(alpha=0.02, tol=1e-9, warm_start=True, device="cpu")
+    warm.fit(X, y).set_params(alpha=0.002).fit(X, y)
+    np.testing.assert_allclose(warm.coef_, cold.coef_, atol=1e-6)
+
+
+def test_float32_input_gives_float32_probabilities():
+    X, y, _ = make_rare_ordinal(n_samples=200, n_features=3, random_state=14)
+    clf = PrestoClassifier(device="cpu").fit(X.astype(np.float32), y)
+    assert clf.coef_.dtype == np.float32
+    assert clf.predict_proba(X.astype(np.float32)).dtype == np.float32
+
+
+def test_cv_path_starts_where_every_penalized_coefficient_is_zero():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=4, random_state=15)
+    cv = PrestoClassifierCV(alphas=6, cv=3, device="cpu").fit(X, y)
+    assert np.all(np.diff(cv.alphas_) < 0)
+    np.testing.assert_allclose(cv.alphas_[-1] / cv.alphas_[0], 0.01)
+    at_max = PrestoClassifier(alpha=cv.alphas_[0], device="cpu").fit(X, y)
+    assert np.all(at_max.coef_ == 0)
+    below = PrestoClassifier(alpha=0.95 * cv.alphas_[0], device="cpu").fit(X, y)
+    assert np.any(below.coef_ != 0)
+
+
+@pytest.mark.parametrize("scoring", ["brier", "log_loss"])
+def test_cv_picks_the_penalty_with_lowest_held_out_loss_and_refits(scoring):
+    X, y, _ = make_rare_ordinal(n_samples=400, n_features=4, random_state=16)
+    cv = PrestoClassifierCV(alphas=6, cv=3, scoring=scoring, device="cpu",
+                            tol=1e-8).fit(X, y)
+    mean = cv.cv_results_["mean_test_loss"]
+    splits = np.array([cv.cv_results_[f"split{i}_test_loss"] for i in range(3)])
+    np.testing.assert_allclose(splits.mean(0), mean)
+    assert cv.best_index_ == np.argmin(mean)
+    assert cv.alpha_ == cv.alphas_[cv.best_index_]
+    single = PrestoClassifier(alpha=cv.alpha_, tol=1e-8, device="cpu").fit(X, y)
+    np.testing.assert_allclose(cv.coef_, single.coef_, atol=1e-5)
+
+
+def test_grid_search_over_a_scaled_pipeline_refits_the_best_penalty():
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, random_state=17)
+    X = X * [1.0, 10.0, 100.0]
+    pipe = make_pipeline(StandardScaler(), PrestoClassifier(device="cpu", tol=1e-8))
+    grid = {"prestoclassifier__alpha": [0.03, 0.003, 0.0]}
+    search = GridSearchCV(pipe, grid, cv=3, scoring="neg_log_loss").fit(X, y)
+    best = search.best_params_["prestoclassifier__alpha"]
+    direct = PrestoClassifier(alpha=best, device="cpu", tol=1e-8).fit(
+        StandardScaler().fit_transform(X), y)
+    np.testing.assert_allclose(search.best_estimator_[-1].coef_, direct.coef_,
+                               atol=1e-6)
+    assert np.isfinite(search.best_score_)
+
+
+def _bad_fit(estimator, X, y, **fit_params):
+    estimator.fit(X, y, **fit_params)
+
+
+_X_OK = np.random.RandomState(0).uniform(-1, 1, size=(40, 2))
+_Y_OK = np.arange(40) % 3
+
+
+@pytest.mark.parametrize("make", [PrestoClassifier, PrestoClassifierCV,
+                                  ProportionalOddsClassifier])
+@pytest.mark.parametrize("X, y, params, fit_params, error, match", [
+    (np.where(_X_OK > 0.9, np.nan, _X_OK), _Y_OK, {}, {}, ValueError, "NaN"),
+    (np.where(_X_OK > 0.9, np.inf, _X_OK), _Y_OK, {}, {}, ValueError, "infinity"),
+    (_X_OK, np.zeros(40, int), {}, {}, ValueError, "at least 2 classes"),
+    (_X_OK, _Y_OK, {"categories": [0, 1, 2, 3]}, {}, ValueError,
+     r"class \[3\] has no training sample"),
+    (_X_OK, _Y_OK, {"categories": [0, 1]}, {}, ValueError,
+     "not named in categories"),
+    (_X_OK, _Y_OK, {"categories": [0, 1, 1, 2]}, {}, ValueError, "repeat"),
+    (_X_OK, _Y_OK, {}, {"sample_weight": -np.ones(40)}, ValueError,
+     "Negative values in data passed to `sample_weight`"),
+    (_X_OK, _Y_OK, {}, {"sample_weight": np.where(_Y_OK == 2, 0.0, 1.0)},
+     ValueError, "class .* has no training sample with positive weight"),
+    (_X_OK, _Y_OK, {"device": "tpu"}, {}, ValueError, "device"),
+    (_X_OK, _Y_OK, {"tol": -1.0}, {}, ValueError, "tol"),
+])
+def test_malformed_input_raises_a_clear_error(make, X, y, params, fit_params, error,
+                                              match):
+    with pytest.raises(error, match=match):
+        _bad_fit(make(**params), X, y, **fit_params)
+
+
+def test_cv_raises_when_a_training_fold_misses_a_class():
+    y = _Y_OK.copy()
+    y[:2] = 3
+    with pytest.raises(ValueError, match="fold .* has no training sample"):
+        PrestoClassifierCV(cv=[(np.arange(2, 40), np.arange(2)),
+                               (np.arange(40), np.arange(40))],
+                           alphas=3, device="cpu").fit(_X_OK, y)
+
+
+def test_gpu_fit_matches_cpu_fit(device):
+    X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, random_state=18)
+    ref = PrestoClassifier(alpha=0.003, tol=1e-9, device="cpu").fit(X, y)
+    clf = PrestoClassifier(alpha=0.003, tol=1e-9, device=device).fit(X, y)
+    np.testing.assert_allclose(clf.coef_, ref.coef_, atol=1e-6)
+    np.testing.assert_allclose(clf.predict_proba(X), ref.predict_proba(X), atol=1e-6)
