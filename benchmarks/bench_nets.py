@@ -2,8 +2,10 @@
 
 Every row trains the same module on the same data in this process; the time is
 the median epoch duration from skorch's ``history`` (first epoch dropped), over
-``--repeats`` fits. ``ratio`` divides by the plain skorch ``NeuralNetClassifier``
-(the anchor) with the same module; the quality figure is held-out accuracy.
+``--repeats`` fits. The ratios divide by the plain skorch ``NeuralNetClassifier``
+(the anchor) with the same module, and by skreg's net without a regularizer (which
+also fetches whole batches at once, so it is faster than the anchor); the quality
+figure is held-out accuracy.
 
     python benchmarks/bench_nets.py                  # CPU, digits, ~2 minutes
     python benchmarks/bench_nets.py --device cuda --large
@@ -68,7 +70,11 @@ def main(argv=None):
                         help="60k x 256 synthetic data and wider layers (GPU)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: steadier timings on a shared "
+                             "machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     device = str(resolve_device(args.device))
     data_name, (X_train, X_test, y_train, y_test) = _data(args.large)
@@ -111,6 +117,7 @@ def main(argv=None):
     if side * side == n_features:
         rows += [
             ("SmallCNN", "plain skorch (anchor)", anchor(SmallCNN, **cnn)),
+            ("SmallCNN", "none", regularized(SmallCNN, None, **cnn)),
             ("SmallCNN", "ConvOrthogonality",
              regularized(SmallCNN, [ConvOrthogonality()], **cnn)),
             ("SmallCNN", "GroupSparsity",
@@ -121,16 +128,21 @@ def main(argv=None):
           f"batch: {batch_size}; MLP hidden {hidden}; torch threads "
           f"{torch.get_num_threads()}; repeats {args.repeats}")
     print()
-    print("| module | regularizer | s / epoch | ratio to anchor | test acc |")
-    print("|---|---|---|---|---|")
-    anchors = {}
+    print("| module | regularizer | s / epoch | ratio to anchor | ratio to no "
+          "regularizer | test acc |")
+    print("|---|---|---|---|---|---|")
+    anchors, baselines = {}, {}
     start = time.perf_counter()
     for module_name, label, make in rows:
         seconds, accuracy = _time(make, X_train, y_train, X_test, y_test,
                                   args.repeats)
         anchors.setdefault(module_name, seconds)
-        ratio = seconds / anchors[module_name]
-        print(f"| {module_name} | {label} | {seconds:.4f} | {ratio:.2f} | "
+        if label == "none":
+            baselines[module_name] = seconds
+        baseline = baselines.get(module_name)
+        versus_none = f"{seconds / baseline:.2f}" if baseline else "-"
+        print(f"| {module_name} | {label} | {seconds:.4f} | "
+              f"{seconds / anchors[module_name]:.2f} | {versus_none} | "
               f"{accuracy:.3f} |", flush=True)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 

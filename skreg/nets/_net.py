@@ -22,7 +22,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_y, check_is_fitted, validate_data
 from skorch import NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import EpochScoring, EpochTimer, PassthroughScoring, PrintLog
+from skorch.dataset import Dataset as SkorchDataset
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from skreg._device import resolve_device
 
@@ -33,6 +35,42 @@ __all__ = ["RegularizedNetClassifier", "RegularizedNetRegressor"]
 
 _INPUT_KEY = "X"
 _INDEX_KEY = "sample_index"
+
+
+class _ArrayBatches(torch.utils.data.Dataset):
+    """Arrays served a whole batch per fetch (one fancy index per batch instead of
+    one Python call and one tensor per sample, which dominate small nets).
+
+    ``X`` is an array or a dict of arrays; ``.X``/``.y`` let skorch's
+    ``data_from_dataset`` read the data back (e.g. for validation scoring).
+    """
+
+    def __init__(self, X, y=None):
+        self.X = X
+        self.y = y
+        first = X[_INPUT_KEY] if isinstance(X, Mapping) else X
+        self._n_samples = len(first)
+
+    def __len__(self):
+        return self._n_samples
+
+    def __getitems__(self, indices):
+        index = np.asarray(indices)
+        if isinstance(self.X, Mapping):
+            X = {key: torch.as_tensor(value[index]) for key, value in self.X.items()}
+        else:
+            X = torch.as_tensor(self.X[index])
+        y = None if self.y is None else torch.as_tensor(self.y[index])
+        return X, y
+
+    def __getitem__(self, i):
+        X, y = self.__getitems__([i])
+        X = {k: v[0] for k, v in X.items()} if isinstance(X, dict) else X[0]
+        return X, (torch.zeros(1) if y is None else y[0])
+
+
+def _batch_as_is(batch):
+    return batch
 
 
 def _encoded_accuracy(net, X, y):
@@ -203,14 +241,28 @@ class _RegularizedNetMixin:
         # Labels are validated and encoded before skorch sees them.
         pass
 
+    def get_dataset(self, X, y=None):
+        plain_arrays = isinstance(X, np.ndarray) or (
+            isinstance(X, Mapping)
+            and all(isinstance(v, np.ndarray) for v in X.values()))
+        if (self.dataset is SkorchDataset and plain_arrays
+                and not self.get_params_for("dataset")):
+            return _ArrayBatches(X, y)
+        return super().get_dataset(X, y)
+
     def get_iterator(self, dataset, training=False):
-        if training and "iterator_train__shuffle" not in self.__dict__:
-            kwargs = self.get_params_for("iterator_train")
-            kwargs.setdefault("batch_size", self.batch_size)
-            if kwargs["batch_size"] == -1:
-                kwargs["batch_size"] = len(dataset)
-            return self.iterator_train(dataset, shuffle=True, **kwargs)
-        return super().get_iterator(dataset, training=training)
+        prefix = "iterator_train" if training else "iterator_valid"
+        iterator = getattr(self, prefix)
+        kwargs = self.get_params_for(prefix)
+        kwargs.setdefault("batch_size", self.batch_size)
+        if kwargs["batch_size"] == -1:
+            kwargs["batch_size"] = len(dataset)
+        if training:
+            kwargs.setdefault("shuffle", True)
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if isinstance(base, _ArrayBatches) and iterator is DataLoader:
+            kwargs.setdefault("collate_fn", _batch_as_is)
+        return iterator(dataset, **kwargs)
 
     def initialize(self):
         self.regularizers_ = [(name, clone(reg)) for name, reg in
@@ -262,11 +314,28 @@ class _RegularizedNetMixin:
                  for _, regularizer in self.regularizers_]
         terms = [term for term in terms if term is not None]
         penalty = torch.stack(terms).sum() if terms else torch.zeros_like(data_loss)
-        # One host sync for both numbers.
-        values = torch.stack([data_loss.detach(), penalty.detach()]).tolist()
-        self.history.record_batch("train_data_loss", values[0])
-        self.history.record_batch("train_penalty", values[1])
+        # Kept on the device until the epoch ends: one host sync per epoch, not
+        # one per batch.
+        self._batch_terms = torch.stack([data_loss.detach(), penalty.detach()])
         return data_loss + penalty
+
+    def on_epoch_begin(self, net, **kwargs):
+        super().on_epoch_begin(net, **kwargs)
+        self._epoch_terms = []
+
+    def on_batch_end(self, net, batch=None, training=False, **kwargs):
+        super().on_batch_end(net, batch=batch, training=training, **kwargs)
+        if training:
+            self._epoch_terms.append(self.__dict__.pop("_batch_terms"))
+
+    def on_epoch_end(self, net, **kwargs):
+        terms = self.__dict__.pop("_epoch_terms", [])
+        values = torch.stack(terms).tolist() if terms else []
+        batches = [b for b in self.history[-1]["batches"] if "train_loss" in b]
+        for batch, (data_loss, penalty) in zip(batches, values, strict=True):
+            batch["train_data_loss"] = data_loss
+            batch["train_penalty"] = penalty
+        super().on_epoch_end(net, **kwargs)
 
     def train_step(self, batch, **fit_params):
         step = super().train_step(batch, **fit_params)

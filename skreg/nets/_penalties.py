@@ -26,7 +26,10 @@ def gram_residual(weight):
     if matrix.shape[0] > matrix.shape[1]:
         matrix = matrix.T
     gram = matrix @ matrix.T
-    return gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # In place: no identity matrix allocated each step (autograd allows it, the
+    # product's backward needs only its inputs).
+    gram.diagonal().sub_(1.0)
+    return gram
 
 
 def soft_orthogonality_penalty(weight):

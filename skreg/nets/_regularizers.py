@@ -95,8 +95,22 @@ class Regularizer(BaseEstimator):
         """Check the parameters against ``_parameter_constraints``."""
         self._validate_params()
 
+    def _cached(self, module, select):
+        """``select(module)``, recomputed only when the module or ``layers``
+        change: walking ``named_modules()`` every batch is pure overhead."""
+        layers = self.__dict__.get("layers")
+        key = layers if isinstance(layers, str) else tuple(layers or ())
+        cache = self.__dict__.get("_layer_cache")
+        if cache is None or cache[0] is not module or cache[1] != key:
+            cache = (module, key, select(module))
+            self._layer_cache = cache
+        return cache[2]
+
     def __getstate__(self):
-        return _to_cpu(super().__getstate__())
+        state = super().__getstate__()
+        # The cache holds the module itself; the net pickles it once, device-safely.
+        state.pop("_layer_cache", None)
+        return _to_cpu(state)
 
 
 class SoftOrthogonality(Regularizer):
@@ -162,7 +176,8 @@ class SoftOrthogonality(Regularizer):
         self.vectors_ = vectors
 
     def penalty(self, module, *, y_pred, sample_index):
-        layers = _select_layers(module, (nn.Linear,), self.layers)
+        layers = self._cached(
+            module, lambda m: _select_layers(m, (nn.Linear,), self.layers))
         if self.kind == "spectral":
             terms = [spectral_orthogonality_penalty(layer.weight, self.vectors_[name],
                                                     self.n_power_iterations)
@@ -247,7 +262,7 @@ class ConvOrthogonality(Regularizer):
 
     def penalty(self, module, *, y_pred, sample_index):
         terms = [conv_orthogonality_penalty(conv.weight, conv.stride[0])
-                 for _, conv in self._convolutions(module)]
+                 for _, conv in self._cached(module, self._convolutions)]
         return self.strength * torch.stack(terms).sum() if terms else None
 
 
@@ -351,7 +366,8 @@ class GroupSparsity(Regularizer):
         self.layers = layers
 
     def _groups(self, module):
-        return _select_layers(module, (nn.Linear, nn.Conv2d), self.layers)
+        return self._cached(
+            module, lambda m: _select_layers(m, (nn.Linear, nn.Conv2d), self.layers))
 
     def prepare(self, module, *, n_samples, n_outputs, device, generator):
         self.layers_ = [name for name, _ in self._groups(module)]
