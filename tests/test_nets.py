@@ -174,9 +174,10 @@ def test_group_lasso_prox_zeroes_small_groups_and_shrinks_the_rest_by_threshold(
     weight = torch.tensor([[3.0, 4.0], [0.3, 0.0], [0.0, 1.0]])
     bias = torch.tensor([0.0, 0.4, 0.0])
     norms = torch.cat([weight, bias[:, None]], dim=1).norm(dim=1)
-    group_lasso_prox_(weight, bias, threshold=0.6)
+    returned = group_lasso_prox_(weight, bias, threshold=0.6)
     assert torch.all(weight[1] == 0) and bias[1] == 0
     new_norms = torch.cat([weight, bias[:, None]], dim=1).norm(dim=1)
+    torch.testing.assert_close(returned, new_norms)
     torch.testing.assert_close(new_norms[[0, 2]], norms[[0, 2]] - 0.6)
     torch.testing.assert_close(weight[0], torch.tensor([3.0, 4.0]) * (1 - 0.6 / 5))
 

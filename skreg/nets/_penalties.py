@@ -158,10 +158,12 @@ def group_lasso_prox_(weight, bias, threshold):
     """Proximal step of ``threshold * sum_g ||w_g||`` over output-unit groups.
 
     Each group is shrunk by ``max(0, 1 - threshold / ||w_g||)``, so groups whose
-    norm is below the threshold become exactly zero. Works in place.
+    norm is below the threshold become exactly zero. Works in place and returns
+    the new group norms, ``max(0, ||w_g|| - threshold)``.
     """
     norms = group_norms(weight, bias)
     scale = torch.clamp(1.0 - threshold / norms.clamp_min(1e-30), min=0.0)
     weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
     if bias is not None:
         bias.mul_(scale)
+    return norms * scale

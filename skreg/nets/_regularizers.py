@@ -110,6 +110,7 @@ class Regularizer(BaseEstimator):
         state = super().__getstate__()
         # The cache holds the module itself; the net pickles it once, device-safely.
         state.pop("_layer_cache", None)
+        state.pop("_next_value", None)
         return _to_cpu(state)
 
 
@@ -371,8 +372,13 @@ class GroupSparsity(Regularizer):
 
     def prepare(self, module, *, n_samples, n_outputs, device, generator):
         self.layers_ = [name for name, _ in self._groups(module)]
+        self.__dict__.pop("_next_value", None)
 
     def penalty(self, module, *, y_pred, sample_index):
+        # The proximal step already knows the norms the next batch will see.
+        value = self.__dict__.pop("_next_value", None)
+        if value is not None:
+            return value
         with torch.no_grad():
             terms = [group_norms(layer.weight, layer.bias).sum()
                      for _, layer in self._groups(module)]
@@ -380,8 +386,11 @@ class GroupSparsity(Regularizer):
 
     def after_step(self, module, *, lr):
         with torch.no_grad():
-            for _, layer in self._groups(module):
-                group_lasso_prox_(layer.weight, layer.bias, lr * self.strength)
+            terms = [group_lasso_prox_(layer.weight, layer.bias,
+                                       lr * self.strength).sum()
+                     for _, layer in self._groups(module)]
+        if terms:
+            self._next_value = self.strength * torch.stack(terms).sum()
 
 
 def orthogonality_errors(module, layers="all"):
