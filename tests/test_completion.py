@@ -85,6 +85,17 @@ def test_dense_with_nan_and_sparse_inputs_give_the_same_model():
                                atol=1e-10)
 
 
+def test_a_numeric_missing_value_placeholder_acts_like_nan():
+    X, _, _ = make_low_rank_matrix_completion(40, 30, rank=2, density=0.5,
+                                              noise=0.05, random_state=14)
+    placeholder = np.where(np.isnan(X), -999.0, X)
+    params = dict(rank=2, random_state=0, device="cpu")
+    with_nan = LowRankCompleter(**params).fit_transform(X)
+    with_placeholder = LowRankCompleter(missing_values=-999.0,
+                                        **params).fit_transform(placeholder)
+    np.testing.assert_allclose(with_placeholder, with_nan, rtol=1e-10)
+
+
 def test_spectral_start_alone_is_close_to_a_noiseless_low_rank_matrix():
     X, U, V = make_low_rank_matrix_completion(300, 300, rank=2, density=0.5,
                                               random_state=4)
