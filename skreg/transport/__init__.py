@@ -1,3 +1,14 @@
-"""transport family of skreg (public names listed in __all__)."""
+"""Sparsity-constrained optimal transport and the estimators built on it."""
 
-__all__ = []
+from skreg.transport._estimators import (
+    SparseOTDomainAdaptationClassifier,
+    SparseOTTransport,
+)
+from skreg.transport._ot import SparseOTResult, sparsity_constrained_ot
+
+__all__ = [
+    "SparseOTDomainAdaptationClassifier",
+    "SparseOTResult",
+    "SparseOTTransport",
+    "sparsity_constrained_ot",
+]

@@ -1,0 +1,422 @@
+"""Pure-torch solvers for sparsity-constrained optimal transport.
+
+Every function works on a leading batch dimension ``B``: ``a`` is ``(B, n)``,
+``b`` is ``(B, m)``, ``C`` is ``(B, n, m)``. A plan is stored column-wise and
+sparse: ``idx`` (``(B, k, m)``, the candidate rows of each column) and ``vals``
+(the mass on them), so every step after the top-k selection costs ``O(k m)``.
+
+The maths follows Liu, Puigcerver and Blondel, "Sparsity-Constrained Optimal
+Transport", ICLR 2023, with POT's scaling: ``gamma`` multiplies the quadratic term
+``(gamma / 2) ||P||_F^2``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SolverResult",
+    "dual_objective",
+    "project_simplex_sorted",
+    "semi_dual_objective",
+    "solve_dual",
+    "solve_semi_dual",
+    "solve_on_support",
+]
+
+
+@dataclass
+class SolverResult:
+    """What a solve returns: potentials, the sparse plan and diagnostics.
+
+    ``alpha`` is ``(B, n)``, ``beta`` is ``(B, m)``; ``idx`` and ``vals`` are
+    ``(B, k, m)``; ``n_iter`` and ``converged`` are per problem.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    idx: torch.Tensor
+    vals: torch.Tensor
+    dual_objective: torch.Tensor
+    n_iter: torch.Tensor
+    converged: torch.Tensor
+
+
+def project_simplex_sorted(v):
+    """Euclidean projection of each column of ``v`` onto the probability simplex.
+
+    ``v`` (``(B, k, m)``) must be sorted in decreasing order along dimension 1,
+    as :func:`torch.topk` returns it. Returns the projection (same shape).
+    """
+    k = v.shape[1]
+    cumsum = v.cumsum(dim=1)
+    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device).view(1, k, 1)
+    # For sorted v the condition holds on a prefix; its length is the support size.
+    support = (v - (cumsum - 1.0) / ranks) > 0
+    size = support.sum(dim=1, keepdim=True).clamp(min=1)
+    tau = (cumsum.gather(1, size - 1) - 1.0) / size.to(v.dtype)
+    return (v - tau).clamp(min=0.0)
+
+
+def _select(scores, k, idx):
+    """Top-k rows of each column (sorted), or the given rows re-sorted."""
+    if idx is None:
+        return scores.topk(k, dim=1, sorted=True)
+    picked = scores.gather(1, idx)
+    picked, order = picked.sort(dim=1, descending=True)
+    return picked, idx.gather(1, order)
+
+
+def semi_dual_objective(alpha, a, b, C, gamma, k, idx=None):
+    """Semi-dual objective, its gradient and the plan it reads out.
+
+    Parameters
+    ----------
+    alpha : Tensor of shape (B, n)
+    a, b : Tensors of shape (B, n) and (B, m)
+    C : Tensor of shape (B, n, m)
+    gamma : float
+    k : int
+        Maximum number of nonzeros per column.
+    idx : Tensor of shape (B, k', m), default=None
+        Restrict each column to these rows instead of its top-k entries (the
+        repair problem).
+
+    Returns
+    -------
+    value : Tensor of shape (B,)
+        ``<alpha, a> - sum_j b_j maxOmega_j(alpha - C[:, j])``.
+    grad : Tensor of shape (B, n)
+        ``a - P 1`` where ``P`` is the read-out plan.
+    idx, t : Tensors of shape (B, k, m)
+        The plan's rows and its column-normalized mass (``P[idx, j] = b_j t``).
+    """
+    # A massless column receives nothing; any positive scale keeps it finite.
+    scale = gamma * torch.where(b > 0, b, torch.ones_like(b)).unsqueeze(1)
+    scores = (alpha.unsqueeze(2) - C) / scale
+    picked, idx = _select(scores, k, idx)
+    t = project_simplex_sorted(picked)
+    inner = (picked * t).sum(dim=1) - 0.5 * (t * t).sum(dim=1)
+    value = (alpha * a).sum(dim=1) - (gamma * b * b * inner).sum(dim=1)
+    rows = torch.zeros_like(alpha).scatter_add_(1, idx.flatten(1),
+                                                (t * b.unsqueeze(1)).flatten(1))
+    return value, a - rows, idx, t
+
+
+def dual_objective(alpha, beta, a, b, C, gamma, k, idx=None):
+    """Dual objective in ``(alpha, beta)``, its gradients and the read-out plan.
+
+    ``delta_Omega(s) = (1 / 2 gamma) sum_{top-k} [s]_+^2`` per column, with
+    ``s = alpha + beta_j - C[:, j]``; the plan is ``[s]_+ / gamma`` on the top-k.
+
+    Returns
+    -------
+    value : Tensor of shape (B,)
+    grad_alpha, grad_beta : Tensors of shape (B, n) and (B, m)
+    idx, vals : Tensors of shape (B, k, m)
+        The plan's rows and masses.
+    """
+    s = alpha.unsqueeze(2) + beta.unsqueeze(1) - C
+    picked, idx = _select(s, k, idx)
+    vals = picked.clamp(min=0.0) / gamma
+    value = ((alpha * a).sum(dim=1) + (beta * b).sum(dim=1)
+             - 0.5 * gamma * (vals * vals).sum(dim=(1, 2)))
+    rows = torch.zeros_like(alpha).scatter_add_(1, idx.flatten(1), vals.flatten(1))
+    return value, a - rows, b - vals.sum(dim=1), idx, vals
+
+
+def _laplacian_matvec(v, idx, active):
+    """Apply the generalized Hessian of the semi-dual (times ``-gamma``) to ``v``.
+
+    Column ``j`` with active rows ``A_j`` contributes ``I_A - 1_A 1_A^T / |A|``:
+    the Laplacian of a clique, so the sum is a graph Laplacian whose null space
+    holds the global shift and the rows no column selects.
+    """
+    weights = active.to(v.dtype)
+    picked = v.gather(1, idx.flatten(1)).view_as(weights)
+    size = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    mean = (picked * weights).sum(dim=1, keepdim=True) / size
+    contrib = weights * (picked - mean)
+    return torch.zeros_like(v).scatter_add_(1, idx.flatten(1), contrib.flatten(1))
+
+
+def _laplacian_diagonal(v, idx, active):
+    weights = active.to(v.dtype)
+    size = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    contrib = weights * (1.0 - 1.0 / size)
+    return torch.zeros_like(v).scatter_add_(1, idx.flatten(1), contrib.flatten(1))
+
+
+def _conjugate_gradient(matvec, rhs, diag, max_iter, rtol):
+    """Jacobi-preconditioned CG on a batch of symmetric positive systems."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = r / diag
+    p = z.clone()
+    rz = (r * z).sum(dim=1, keepdim=True)
+    target = rtol * rhs.norm(dim=1, keepdim=True)
+    tiny = torch.finfo(rhs.dtype).tiny
+    for it in range(max_iter):
+        Ap = matvec(p)
+        pAp = (p * Ap).sum(dim=1, keepdim=True)
+        step = rz / pAp.clamp(min=tiny)
+        x = x + step * p
+        r = r - step * Ap
+        # One host sync every 10 steps keeps the GPU busy between checks.
+        if it % 10 == 9 and bool((r.norm(dim=1, keepdim=True) <= target).all()):
+            break
+        z = r / diag
+        rz_new = (r * z).sum(dim=1, keepdim=True)
+        p = z + (rz_new / rz.clamp(min=tiny)) * p
+        rz = rz_new
+    return x
+
+
+def _marginal_error(grad):
+    return grad.abs().sum(dim=1)
+
+
+def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
+    """Batched L-BFGS maximization of a concave ``fun(x) -> (value, grad)``.
+
+    ``scale`` sets the first step, ``scale * grad``, and the restarts.
+    Stops on ``||grad||_1 <= tol`` or a stall: the value rose by less than
+    ``1e-12 (1 + |value|)`` over the last ``patience`` iterations, or the best
+    gradient norm did not fall by 0.1% in ``5 * patience`` iterations. Returns
+    ``(x, n_iter)``.
+    """
+    value, grad = fun(x)
+    s_hist, y_hist = [], []
+    best = _marginal_error(grad)
+    since_best = torch.zeros_like(best, dtype=torch.long)
+    history = []
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is returned)
+        # Two-loop recursion on the negated (convex) problem.
+        q = -grad
+        coefs = []
+        for s, y in zip(reversed(s_hist), reversed(y_hist), strict=True):
+            rho = 1.0 / (s * y).sum(dim=1, keepdim=True)
+            c = rho * (s * q).sum(dim=1, keepdim=True)
+            q = q - c * y
+            coefs.append((rho, c))
+        if s_hist:
+            s, y = s_hist[-1], y_hist[-1]
+            q = q * ((s * y).sum(dim=1, keepdim=True) / (y * y).sum(dim=1,
+                                                                    keepdim=True))
+        else:
+            q = q * scale
+        for (s, y), (rho, c) in zip(zip(s_hist, y_hist, strict=True),
+                                    reversed(coefs), strict=True):
+            q = q + s * (c - rho * (y * q).sum(dim=1, keepdim=True))
+        direction = -q
+        slope = (grad * direction).sum(dim=1, keepdim=True)
+        # A non-ascent direction (curvature lost at a kink): restart on the gradient.
+        bad = slope <= 0
+        direction = torch.where(bad, grad * scale, direction)
+        slope = (grad * direction).sum(dim=1, keepdim=True)
+        step = torch.ones_like(slope)
+        for _ in range(30):
+            new_x = x + step * direction
+            new_value, new_grad = fun(new_x)
+            ok = (new_value.unsqueeze(1) >= value.unsqueeze(1) + 1e-4 * step * slope)
+            if bool(ok.all()):
+                break
+            step = torch.where(ok, step, 0.5 * step)
+        ok = ok & torch.isfinite(new_value).unsqueeze(1)
+        new_x = torch.where(ok, new_x, x)
+        new_value = torch.where(ok.squeeze(1), new_value, value)
+        new_grad = torch.where(ok, new_grad, grad)
+        s, y = new_x - x, grad - new_grad
+        if bool(((s * y).sum(dim=1) > 1e-30).all()):
+            s_hist.append(s)
+            y_hist.append(y)
+            if len(s_hist) > memory:
+                s_hist.pop(0)
+                y_hist.pop(0)
+        else:
+            s_hist, y_hist = [], []
+        x, value, grad = new_x, new_value, new_grad
+        err = _marginal_error(grad)
+        improved = err < best * (1 - 1e-3)
+        best = torch.minimum(best, err)
+        since_best = torch.where(improved, 0, since_best + 1)
+        history.append(value)
+        if len(history) > patience:
+            gained = value - history.pop(0)
+            flat = gained <= 1e-12 * (1.0 + value.abs())
+        else:
+            flat = torch.zeros_like(err, dtype=torch.bool)
+        # At a kink of the dual the error can wander for ever while the value
+        # is settled to rounding: that, or no progress at all, is a stall.
+        stalled = flat | (since_best >= 5 * patience)
+        if bool(((err <= tol) | stalled).all()):
+            break
+    return x, n_iter
+
+
+def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience):
+    """Semismooth Newton (Levenberg-Marquardt damped, Armijo line search).
+
+    The generalized Hessian is ``-(1/gamma) L`` with ``L`` the graph Laplacian of
+    :func:`_laplacian_matvec`; the damping ``rho = ||grad||_1`` makes the system
+    positive definite far from the solution and vanishes near it, which keeps the
+    fast local rate. Returns ``(alpha, n_iter, best_err)``, keeping the iterate
+    with the smallest marginal error (the stall test compares against it).
+    """
+    value, grad, sel, t = semi_dual_objective(alpha, a, b, C, gamma, k, idx)
+    err = _marginal_error(grad)
+    best_alpha, best_err = alpha, err
+    since_best = torch.zeros_like(err, dtype=torch.long)
+    n_iter = 0
+    n = alpha.shape[1]
+    for n_iter in range(1, max_iter + 1):
+        if bool(((err <= tol) | (since_best >= patience)).all()):
+            n_iter -= 1
+            break
+        active = t > 0
+        rho = (err.unsqueeze(1) / n).clamp(min=1e-14)
+        diag = _laplacian_diagonal(alpha, sel, active) + rho
+
+        def matvec(v, sel=sel, active=active, rho=rho):
+            return _laplacian_matvec(v, sel, active) + rho * v
+
+        direction = _conjugate_gradient(matvec, gamma * grad, diag,
+                                        max_iter=min(4 * n, 500), rtol=1e-3)
+        slope = (grad * direction).sum(dim=1)
+        step = torch.ones_like(value)
+        for _ in range(40):
+            new_alpha = alpha + step.unsqueeze(1) * direction
+            new_value, new_grad, new_sel, new_t = semi_dual_objective(
+                new_alpha, a, b, C, gamma, k, idx)
+            ok = new_value >= value + 1e-4 * step * slope
+            if bool(ok.all()):
+                break
+            step = torch.where(ok, step, 0.5 * step)
+        keep = ok.unsqueeze(1)
+        alpha = torch.where(keep, new_alpha, alpha)
+        value = torch.where(ok, new_value, value)
+        grad = torch.where(keep, new_grad, grad)
+        sel = torch.where(keep.unsqueeze(2), new_sel, sel)
+        t = torch.where(keep.unsqueeze(2), new_t, t)
+        err = _marginal_error(grad)
+        improved = err < best_err * (1 - 1e-2)
+        best_alpha = torch.where((err < best_err).unsqueeze(1), alpha, best_alpha)
+        best_err = torch.minimum(err, best_err)
+        since_best = torch.where(improved, 0, since_best + 1)
+    return best_alpha, n_iter, best_err
+
+
+def _beta_from_plan(alpha, C, idx, vals, gamma):
+    """Column potentials from the optimality condition on the plan's support.
+
+    On every positive entry ``alpha_i + beta_j - C_ij = gamma P_ij``; averaging it
+    over the support gives the ``beta`` that pairs with ``alpha``.
+    """
+    active = (vals > 0).to(vals.dtype)
+    picked_alpha = alpha.gather(1, idx.flatten(1)).view_as(vals)
+    picked_cost = C.gather(1, idx)
+    resid = gamma * vals - picked_alpha + picked_cost
+    return (resid * active).sum(dim=1) / active.sum(dim=1).clamp(min=1.0)
+
+
+def solve_semi_dual(a, b, C, gamma, k, *, alpha0=None, max_iter=1000, tol=1e-10,
+                    patience=10):
+    """Maximize the sparsity-constrained semi-dual: L-BFGS then Newton polish.
+
+    Parameters
+    ----------
+    a, b, C, gamma, k
+        As in :func:`semi_dual_objective`.
+    alpha0 : Tensor of shape (B, n), default=None
+        Warm start (zeros by default).
+    max_iter : int
+        Budget of L-BFGS iterations; the Newton polish gets ``max_iter // 10 + 10``.
+    tol : float
+        Target marginal L1 error ``||a - P 1||_1``.
+    patience : int
+        Iterations without progress before the stall test stops a phase.
+
+    Returns
+    -------
+    SolverResult
+    """
+    if alpha0 is None:
+        # Each row starts level with its nearest column (a c-transform of
+        # beta = 0), so every row is near the top of some column from step one.
+        alpha = C.amin(dim=2)
+    else:
+        alpha = alpha0.clone()
+
+    def fun(x):
+        value, grad, _, _ = semi_dual_objective(x, a, b, C, gamma, k)
+        return value, grad
+
+    # L-BFGS brings every row into some column's support; Newton then needs
+    # few steps. Its target is loose because Newton finishes the job.
+    # The Hessian is about L / gamma with L a Laplacian of O(1) entries, while
+    # gradient entries are of the order of the masses: a first step of
+    # gamma * n * grad moves the potentials on the scale of the costs.
+    scale = gamma * a.shape[1]
+    alpha, it_lbfgs = _lbfgs(fun, alpha, max_iter, max(tol, 1e-3), scale,
+                             patience=patience)
+    alpha, it_newton, _ = _newton_semi_dual(alpha, a, b, C, gamma, k, None,
+                                            max_iter // 10 + 10, tol, patience=5)
+    value, grad, idx, t = semi_dual_objective(alpha, a, b, C, gamma, k)
+    vals = t * b.unsqueeze(1)
+    beta = _beta_from_plan(alpha, C, idx, vals, gamma)
+    n_iter = torch.full_like(value, it_lbfgs + it_newton, dtype=torch.long)
+    return SolverResult(alpha, beta, idx, vals, value, n_iter,
+                        _marginal_error(grad) <= tol)
+
+
+def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
+    """Maximize the sparsity-constrained dual in ``(alpha, beta)`` with L-BFGS.
+
+    The dual is not polished by Newton; its read-out generally misses both
+    marginals until convergence, which is why ``formulation="semi_dual"`` is the
+    default and the repair step exists.
+
+    Returns
+    -------
+    SolverResult
+    """
+    n = a.shape[1]
+
+    def fun(x):
+        value, ga, gb, _, _ = dual_objective(x[:, :n], x[:, n:], a, b, C, gamma, k)
+        return value, torch.cat([ga, gb], dim=1)
+
+    x0 = torch.zeros(a.shape[0], n + b.shape[1], dtype=a.dtype, device=a.device)
+    x, n_iter = _lbfgs(fun, x0, max_iter, tol, gamma * (n + b.shape[1]),
+                       patience=patience)
+    alpha, beta = x[:, :n], x[:, n:]
+    value, ga, gb, idx, vals = dual_objective(alpha, beta, a, b, C, gamma, k)
+    err = _marginal_error(ga) + _marginal_error(gb)
+    return SolverResult(alpha, beta, idx, vals, value,
+                        torch.full_like(value, n_iter, dtype=torch.long), err <= tol)
+
+
+def solve_on_support(a, b, C, gamma, idx, alpha0, *, max_iter=200, tol=1e-10):
+    """Quadratically regularized OT restricted to the rows ``idx`` of each column.
+
+    The repair problem: ``min <P, C> + (gamma/2)||P||^2`` over plans with the
+    marginals ``a`` and ``b`` that vanish outside the given supports. Solved by
+    semismooth Newton on its semi-dual (smooth and piecewise quadratic, so the
+    Newton steps settle in finitely many iterations when a feasible plan exists).
+
+    Returns
+    -------
+    alpha : Tensor of shape (B, n)
+    vals : Tensor of shape (B, k, m)
+        The repaired masses on ``idx`` (re-sorted as returned in ``idx_out``).
+    idx_out : Tensor of shape (B, k, m)
+    marginal_error : Tensor of shape (B,)
+    n_iter : int
+    """
+    k = idx.shape[1]
+    alpha, n_iter, _ = _newton_semi_dual(alpha0, a, b, C, gamma, k, idx, max_iter,
+                                         tol, patience=10)
+    _, grad, idx_out, t = semi_dual_objective(alpha, a, b, C, gamma, k, idx)
+    return alpha, t * b.unsqueeze(1), idx_out, _marginal_error(grad), n_iter
+
