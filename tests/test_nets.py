@@ -15,6 +15,7 @@ from sklearn.datasets import load_iris, make_regression
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
+from skreg.datasets import make_noisy_labels
 from skreg.nets import (
     MLP,
     ConvOrthogonality,
@@ -383,6 +384,14 @@ def test_a_gpu_trained_net_with_elr_pickles_and_predicts_on_a_cpu_only_process(
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_noisy_labels_flip_about_the_rate_and_never_keep_the_class():
+    y = np.repeat(np.array(["a", "b", "c", "d"]), 500)
+    y_noisy, corrupted = make_noisy_labels(y, 0.4, random_state=0)
+    np.testing.assert_array_equal(y_noisy != y, corrupted)
+    assert abs(corrupted.mean() - 0.4) < 0.03
+    assert set(y_noisy) == set(y)
 
 
 # Bad input ----------------------------------------------------------------------
