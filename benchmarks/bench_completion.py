@@ -270,7 +270,7 @@ def section_scaling(args, device):
             entries = observed_entries(rows_t, cols_t, values, (m, n))
             Uf, Vf, _, _, result = alternating_minimization(
                 entries, rank, alpha=1e-3, max_iter=args.sweeps, tol=args.tol,
-                exact=solver == "altmin_exact", n_cg_steps=3, offsets=False,
+                exact=solver == "altmin_exact", n_cg_steps=2, offsets=False,
                 generator=torch.Generator(device=device).manual_seed(0),
                 callback=record)
             _sync(device)

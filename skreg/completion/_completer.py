@@ -67,7 +67,7 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     init : {"svd", "random"}, default="svd"
         ``"svd"``: top-``rank`` SVD of the rescaled observed matrix with
         clipping of heavy rows. ``"random"``: Gaussian factors.
-    n_cg_steps : int, default=3
+    n_cg_steps : int, default=2
         CG steps per half-step for ``solver="altmin"``.
     center : bool, default=True
         Subtract the mean of the observed entries and fit a per-row and a
@@ -171,7 +171,7 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     }
 
     def __init__(self, rank=10, *, alpha=1e-3, max_iter=50, tol=1e-5,
-                 solver="altmin", init="svd", n_cg_steps=3, center=True,
+                 solver="altmin", init="svd", n_cg_steps=2, center=True,
                  missing_values=np.nan, random_state=None, device="auto",
                  verbose=0):
         self.rank = rank

@@ -300,7 +300,7 @@ def _half_step(values, pattern, counts, F, offsets, X0, alpha, exact, n_cg_steps
 
 
 def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5,
-                             exact=False, n_cg_steps=3, init="svd", offsets=True,
+                             exact=False, n_cg_steps=2, init="svd", offsets=True,
                              generator=None, callback=None):
     """Fit ``M ~= U V^T + c 1^T + 1 b^T`` on the observed entries.
 
@@ -326,7 +326,7 @@ def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5
     tol : float, default=1e-5
         Stop when the training RMSE changes by less than ``tol`` times itself.
     exact : bool, default=False
-    n_cg_steps : int, default=3
+    n_cg_steps : int, default=2
     init : {"svd", "random"}, default="svd"
     offsets : bool, default=True
         Fit a per-row offset ``c`` and a per-column offset ``b``.
