@@ -194,6 +194,9 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_class = True
+        # an ordinal model ranks classes along one (or K-1 nearly parallel)
+        # directions; unordered blobs in the plane are outside its model class
+        tags.classifier_tags.poor_score = True
         return tags
 
 
