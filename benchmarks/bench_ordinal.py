@@ -259,8 +259,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3,
                         help="replications per simulation setting (paper: 20)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine a "
+                             "second OpenMP thread mostly spins; 0 = torch's choice)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["exactness", "speed", "simulations", "real"])
     args = parser.parse_args(argv)
