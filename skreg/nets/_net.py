@@ -451,6 +451,12 @@ _SHARED_DOC = """
         skorch's internal validation split; ``None`` trains on all the data
         (tune with scikit-learn's cross-validation instead).
     callbacks : list of skorch callbacks, default=None
+    predict_nonlinearity : "auto", callable or None, default="auto"
+        Applied to the module's output by ``predict``/``predict_proba``; "auto"
+        is the softmax for ``CrossEntropyLoss`` and the identity otherwise.
+    warm_start : bool, default=False
+        When True, ``fit`` continues from the current weights instead of
+        re-initializing the module.
     random_state : int, RandomState instance or None, default=None
         Seeds torch (weights, shuffling, dropout) for each fit, without touching
         torch's global random state, so a refit is identical.
@@ -472,7 +478,9 @@ class RegularizedNetClassifier(_RegularizedNetMixin, NeuralNetClassifier):
     float32 (the module computes in float32); the loss recorded in ``history``
     is split into ``train_data_loss`` and ``train_penalty``.
 """ + _SHARED_DOC.format(criterion="torch.nn.CrossEntropyLoss",
-                         max_epochs=50) + """
+                         max_epochs=50) + """    classes : array-like, default=None
+        All the labels, when ``y`` may miss some; by default those of ``y``.
+
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)

@@ -76,6 +76,22 @@ class Regularizer(BaseEstimator):
     :meth:`after_step`. Fitted state lives in attributes ending with ``_``;
     tensors in it are moved to the CPU when pickled, so a model trained on a GPU
     loads on a CPU-only machine.
+
+    Examples
+    --------
+    A plain weight decay on the output layer, as a custom regularizer:
+
+    >>> from skreg.nets import MLP, Regularizer
+    >>> class OutputL2(Regularizer):
+    ...     default_name = "output_l2"
+    ...     _parameter_constraints = {}
+    ...     def __init__(self, strength=1e-3):
+    ...         self.strength = strength
+    ...     def penalty(self, module, *, y_pred, sample_index):
+    ...         return self.strength * module.output.weight.square().sum()
+    >>> value = OutputL2(0.5).penalty(MLP(3, 2), y_pred=None, sample_index=None)
+    >>> value.ndim
+    0
     """
 
     #: Whether :meth:`penalty` needs each sample's position in the training set.
