@@ -316,6 +316,8 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
     estimator_ : classifier
         The fitted classifier.
     classes_ : ndarray of shape (n_classes,)
+    n_iter_ : int
+        Iterations of the transport solver.
     n_features_in_ : int
 
     Notes
@@ -386,6 +388,7 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
             max_iter=self.max_iter, tol=self.tol, device=self.device,
         ).fit(X, X_target=X_target, sample_weight=sample_weight)
         base = LogisticRegression() if self.estimator is None else self.estimator
+        self.n_iter_ = self.transport_.n_iter_
         self.estimator_ = clone(base)
         fit_params = {} if sample_weight is None else {
             "sample_weight": sample_weight}

@@ -37,11 +37,14 @@ class SparseOTResult:
     plan_sparse : scipy.sparse.coo_array, list of them, or torch sparse tensor
         The same plan in COO form (a list of ``coo_array`` for a NumPy batch).
     alpha, beta : arrays of shape (n,) and (m,)
-        Dual potentials (``beta`` is recovered from the plan for the semi-dual).
+        The best dual potentials found (``beta`` is recovered from the read-out
+        plan for the semi-dual). After a repair they still certify
+        ``dual_objective``; they are not the repaired problem's potentials.
     value : float or tensor
         ``<P, C> + (gamma/2) ||P||_F^2`` of the returned plan. For tensor input
         it is differentiable: its gradient with respect to ``C`` is the plan
-        and with respect to ``a`` and ``b`` the potentials.
+        and with respect to ``a`` and ``b`` the potentials ``alpha`` and
+        ``beta`` (exact at convergence without repair).
     cost : float or array
         ``<P, C>``.
     dual_objective : float or array
@@ -358,16 +361,14 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
         alpha, beta = res.alpha, res.beta
         repaired = torch.zeros_like(readout_err, dtype=torch.bool)
         if repair and bool((readout_err > tol_eff).any()):
-            alpha_r, vals_r, idx_r, _, _ = solve_on_support(
+            # The potentials stay those of the best dual: they certify the
+            # lower bound, while the repaired plan gives the upper bound.
+            _, vals_r, idx_r, _, _ = solve_on_support(
                 a_t, b_t, C_t, gamma, res.idx, res.alpha, tol=tol_eff)
             plan_r = _dense_plan(idx_r, vals_r, n)
             err_r = _errors(plan_r, a_t, b_t)
             repaired = (readout_err > tol_eff) & (err_r <= tol_eff)
-            keep = repaired.view(-1, 1, 1)
-            plan = torch.where(keep, plan_r, plan)
-            beta_r = _recover_beta(alpha_r, C_t, plan_r, gamma)
-            alpha = torch.where(repaired.unsqueeze(1), alpha_r, alpha)
-            beta = torch.where(repaired.unsqueeze(1), beta_r, beta)
+            plan = torch.where(repaired.view(-1, 1, 1), plan_r, plan)
         err = _errors(plan, a_t, b_t)
         cost = (plan * C_t).sum(dim=(1, 2))
         primal = cost + 0.5 * gamma * (plan * plan).sum(dim=(1, 2))
@@ -427,9 +428,3 @@ def _package(fields, primal, a, b, C_in, a_t, b_t, batched, is_torch):
         out["plan_sparse"] = sparse if batched else sparse[0]
     return SparseOTResult(**out)
 
-
-def _recover_beta(alpha, C, plan, gamma):
-    active = plan > 0
-    resid = gamma * plan - alpha.unsqueeze(2) + C
-    weights = active.to(plan.dtype)
-    return (resid * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

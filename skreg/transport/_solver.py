@@ -190,20 +190,24 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
     best = _marginal_error(grad)
     since_best = torch.zeros_like(best, dtype=torch.long)
     history = []
+    done = best <= tol
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is returned)
         # Two-loop recursion on the negated (convex) problem.
         q = -grad
         coefs = []
         for s, y in zip(reversed(s_hist), reversed(y_hist), strict=True):
-            rho = 1.0 / (s * y).sum(dim=1, keepdim=True)
+            sy = (s * y).sum(dim=1, keepdim=True)
+            # A zeroed pair (a frozen or curvature-free problem) is skipped.
+            rho = torch.where(sy > 0, 1.0 / sy.clamp(min=1e-300), 0.0)
             c = rho * (s * q).sum(dim=1, keepdim=True)
             q = q - c * y
             coefs.append((rho, c))
         if s_hist:
             s, y = s_hist[-1], y_hist[-1]
-            q = q * ((s * y).sum(dim=1, keepdim=True) / (y * y).sum(dim=1,
-                                                                    keepdim=True))
+            sy = (s * y).sum(dim=1, keepdim=True)
+            yy = (y * y).sum(dim=1, keepdim=True)
+            q = q * torch.where(sy > 0, sy / yy.clamp(min=1e-300), scale)
         else:
             q = q * scale
         for (s, y), (rho, c) in zip(zip(s_hist, y_hist, strict=True),
@@ -223,19 +227,19 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
             if bool(ok.all()):
                 break
             step = torch.where(ok, step, 0.5 * step)
-        ok = ok & torch.isfinite(new_value).unsqueeze(1)
+        # Finished problems of a batch stay frozen, so a batch returns what
+        # separate solves would.
+        ok = ok & torch.isfinite(new_value).unsqueeze(1) & ~done.unsqueeze(1)
         new_x = torch.where(ok, new_x, x)
         new_value = torch.where(ok.squeeze(1), new_value, value)
         new_grad = torch.where(ok, new_grad, grad)
         s, y = new_x - x, grad - new_grad
-        if bool(((s * y).sum(dim=1) > 1e-30).all()):
-            s_hist.append(s)
-            y_hist.append(y)
-            if len(s_hist) > memory:
-                s_hist.pop(0)
-                y_hist.pop(0)
-        else:
-            s_hist, y_hist = [], []
+        curved = ((s * y).sum(dim=1, keepdim=True) > 1e-30).to(s.dtype)
+        s_hist.append(s * curved)
+        y_hist.append(y * curved)
+        if len(s_hist) > memory:
+            s_hist.pop(0)
+            y_hist.pop(0)
         x, value, grad = new_x, new_value, new_grad
         err = _marginal_error(grad)
         improved = err < best * (1 - 1e-3)
@@ -250,7 +254,8 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
         # At a kink of the dual the error can wander for ever while the value
         # is settled to rounding: that, or no progress at all, is a stall.
         stalled = flat | (since_best >= 5 * patience)
-        if bool(((err <= tol) | stalled).all()):
+        done = done | (err <= tol) | stalled
+        if bool(done.all()):
             break
     return x, n_iter
 
@@ -271,7 +276,8 @@ def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience):
     n_iter = 0
     n = alpha.shape[1]
     for n_iter in range(1, max_iter + 1):
-        if bool(((err <= tol) | (since_best >= patience)).all()):
+        finished = (err <= tol) | (since_best >= patience)
+        if bool(finished.all()):
             n_iter -= 1
             break
         active = t > 0
@@ -293,6 +299,7 @@ def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience):
             if bool(ok.all()):
                 break
             step = torch.where(ok, step, 0.5 * step)
+        ok = ok & ~finished
         keep = ok.unsqueeze(1)
         alpha = torch.where(keep, new_alpha, alpha)
         value = torch.where(ok, new_value, value)

@@ -1,0 +1,292 @@
+"""Sparsity-constrained optimal transport: solver, function and estimators."""
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import sklearn
+import torch
+from ot.smooth import SparsityConstrained, SquaredL2, dual_obj_grad, semi_dual_obj_grad
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
+from sklearn.pipeline import make_pipeline
+
+from skreg.transport import (
+    SparseOTDomainAdaptationClassifier,
+    SparseOTTransport,
+    sparsity_constrained_ot,
+)
+from skreg.transport._solver import dual_objective, semi_dual_objective
+
+
+def _problem(n=12, m=None, seed=0, shift=1.0):
+    rng = np.random.RandomState(seed)
+    m = n if m is None else m
+    xs, xt = rng.randn(n, 2), rng.randn(m, 2) + shift
+    C = ot.dist(xs, xt)
+    return np.full(n, 1.0 / n), np.full(m, 1.0 / m), C
+
+
+def _quiet(fn, *args, **kwargs):
+    # POT's projection_sparse_simplex prints on every call.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def _t(x):
+    return torch.as_tensor(x).unsqueeze(0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_semi_dual_objective_and_gradient_match_pot(k):
+    a, b, C = _problem()
+    alpha = np.random.RandomState(1).randn(12)
+    regul = SparsityConstrained(max_nz=k, gamma=0.7) if k < 12 else SquaredL2(0.7)
+    value_pot, grad_pot = _quiet(semi_dual_obj_grad, alpha, a, b, C, regul)
+    value, grad, _, _ = semi_dual_objective(_t(alpha), _t(a), _t(b), _t(C), 0.7, k)
+    np.testing.assert_allclose(value.item(), value_pot, rtol=1e-12)
+    np.testing.assert_allclose(grad[0].numpy(), grad_pot, atol=1e-12)
+
+
+def test_dual_objective_and_gradients_match_pot():
+    a, b, C = _problem()
+    rng = np.random.RandomState(2)
+    alpha, beta = rng.randn(12), rng.randn(12)
+    regul = SparsityConstrained(max_nz=3, gamma=0.5)
+    value_pot, ga_pot, gb_pot = dual_obj_grad(alpha, beta, a, b, C.copy(), regul)
+    value, ga, gb, _, _ = dual_objective(_t(alpha), _t(beta), _t(a), _t(b), _t(C),
+                                         0.5, 3)
+    np.testing.assert_allclose(value.item(), value_pot, rtol=1e-12)
+    np.testing.assert_allclose(ga[0].numpy(), ga_pot, atol=1e-12)
+    np.testing.assert_allclose(gb[0].numpy(), gb_pot, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, slack", [(4, 1e-12), (2, 1e-7)])
+def test_semi_dual_optimum_matches_pots_and_plan_is_k_sparse(k, slack):
+    # k = 4 does not bind: the optimum is smooth and ours is at least POT's.
+    # k = 2 binds: the maximum sits on a kink where L-BFGS stalls; measured
+    # 2.4e-8 relative below POT's value, hence the looser slack.
+    a, b, C = _problem(n=15, seed=3)
+    gamma = 0.1 * np.median(C) * 15
+    regul = SparsityConstrained(max_nz=k, gamma=gamma)
+    _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
+                    reg_type="sparsity_constrained", max_nz=k, log=True)
+    pot_best, _ = _quiet(semi_dual_obj_grad, log["alpha"], a, b, C, regul)
+    res = sparsity_constrained_ot(a, b, C, k, gamma)
+    ours, _ = _quiet(semi_dual_obj_grad, res.alpha, a, b, C, regul)
+    assert ours >= pot_best - slack * abs(pot_best)
+    np.testing.assert_allclose(ours, res.dual_objective, rtol=1e-12)
+    assert np.count_nonzero(res.plan, axis=0).max() <= k
+    assert res.marginal_error <= 1e-9
+    assert res.duality_gap >= -1e-9
+
+
+def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
+    a, b, C = _problem(n=10, seed=4)
+    gamma = 2.0
+    plan_pot = _quiet(ot.smooth.smooth_ot_dual, a, b, C, gamma, reg_type="l2",
+                      stopThr=1e-14, numItermax=5000)
+    res = sparsity_constrained_ot(a, b, C, 10, gamma)
+    np.testing.assert_allclose(res.plan, plan_pot, atol=1e-6)
+    assert not res.binding
+    assert res.marginal_error <= 1e-9
+
+
+def test_k_one_approaches_exact_ot_as_gamma_vanishes():
+    a, b, C = _problem(n=10, seed=5)
+    exact = ot.emd2(a, b, C)
+    costs = [sparsity_constrained_ot(a, b, C, 1, g).cost for g in (1e-1, 1e-3)]
+    assert abs(costs[1] - exact) <= 1e-6 * (1 + exact)
+    assert costs[1] <= costs[0] + 1e-12
+
+
+def test_binding_k_repaired_plan_has_exact_marginals_and_k_nonzeros():
+    # A large gamma wants dense columns: k = 2 binds and the read-out alone
+    # cannot meet both marginals.
+    a, b, C = _problem(n=12, seed=6)
+    res = sparsity_constrained_ot(a, b, C, 2, 10.0 * np.median(C))
+    assert res.binding
+    assert res.marginal_error <= 1e-9
+    assert np.count_nonzero(res.plan, axis=0).max() <= 2
+    np.testing.assert_allclose(res.plan.sum(axis=1), a, atol=1e-9)
+    np.testing.assert_allclose(res.plan.sum(axis=0), b, atol=1e-9)
+    assert res.duality_gap >= -1e-9
+    plain = sparsity_constrained_ot(a, b, C, 2, 10.0 * np.median(C), repair=False)
+    assert res.repaired == (plain.marginal_error > 1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_plan_has_at_most_k_nonzeros_per_column_and_the_b_marginal(k):
+    a, b, C = _problem(n=16, m=11, seed=7)
+    res = sparsity_constrained_ot(a, b, C, k, 0.5)
+    assert np.count_nonzero(res.plan, axis=0).max() <= k
+    np.testing.assert_allclose(res.plan.sum(axis=0), b, atol=1e-9)
+    assert res.plan.min() >= 0
+
+
+def test_gradient_of_the_value_with_respect_to_cost_is_the_plan():
+    a, b, C = _problem(n=8, seed=8)
+    C_t = torch.tensor(C, requires_grad=True)
+    res = sparsity_constrained_ot(torch.tensor(a), torch.tensor(b), C_t, 8, 1.0)
+    res.value.backward()
+    np.testing.assert_allclose(C_t.grad.numpy(), res.plan.detach().numpy(),
+                               atol=1e-12)
+    direction = np.random.RandomState(9).randn(*C.shape)
+    eps = 1e-5
+    up = sparsity_constrained_ot(a, b, C + eps * direction, 8, 1.0).value
+    down = sparsity_constrained_ot(a, b, C - eps * direction, 8, 1.0).value
+    finite_diff = (up - down) / (2 * eps)
+    np.testing.assert_allclose(finite_diff, (res.plan.detach().numpy()
+                                             * direction).sum(), rtol=1e-5)
+
+
+def test_batched_problems_give_the_looped_results():
+    problems = [_problem(n=9, m=7, seed=s) for s in range(3)]
+    a = np.stack([p[0] for p in problems])
+    b = np.stack([p[1] for p in problems])
+    C = np.stack([p[2] for p in problems])
+    batched = sparsity_constrained_ot(a, b, C, 2, 0.5)
+    for i, (ai, bi, Ci) in enumerate(problems):
+        single = sparsity_constrained_ot(ai, bi, Ci, 2, 0.5)
+        np.testing.assert_allclose(batched.plan[i], single.plan, atol=1e-8)
+        np.testing.assert_allclose(batched.dual_objective[i], single.dual_objective,
+                                   rtol=1e-9)
+
+
+def test_dual_formulation_reaches_the_semi_dual_value():
+    a, b, C = _problem(n=10, seed=10)
+    semi = sparsity_constrained_ot(a, b, C, 10, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        dual = sparsity_constrained_ot(a, b, C, 10, 2.0, formulation="dual")
+    np.testing.assert_allclose(dual.primal_objective, semi.primal_objective,
+                               rtol=1e-6)
+    assert dual.marginal_error <= 1e-6
+
+
+def test_float32_and_torch_inputs_keep_their_type_and_device(device):
+    a, b, C = _problem(n=8)
+    C32 = torch.tensor(C, dtype=torch.float32, device=device)
+    res = sparsity_constrained_ot(torch.tensor(a, device=device),
+                                  torch.tensor(b, device=device), C32, 2, 1.0)
+    assert res.plan.dtype == torch.float32
+    assert res.plan.device.type == device
+    assert res.plan_sparse.is_sparse
+    assert float(res.marginal_error) <= 1e-4
+
+
+def test_massless_rows_and_columns_receive_nothing():
+    a, b, C = _problem(n=8, m=6, seed=11)
+    a[[1, 4]] = 0.0
+    a /= a.sum()
+    b[2] = 0.0
+    b /= b.sum()
+    res = sparsity_constrained_ot(a, b, C, 2, 1.0)
+    assert res.plan[[1, 4]].sum() == 0 and res.plan[:, 2].sum() == 0
+    assert res.marginal_error <= 1e-9
+
+
+def test_a_missed_marginal_raises_a_convergence_warning():
+    a, b, C = _problem(n=30, seed=12)
+    with pytest.warns(ConvergenceWarning, match="misses the marginals"):
+        res = sparsity_constrained_ot(a, b, C, 2, 1e-3, max_iter=2, repair=False)
+    assert res.marginal_error > 1e-9
+
+
+_A, _B, _C = _problem(n=5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"a": -_A}, ValueError, "a must be nonnegative"),
+    ({"b": 2 * _B}, ValueError, "same total mass"),
+    ({"C": np.where(np.eye(5) > 0, np.nan, _C)}, ValueError, "C contains NaN"),
+    ({"max_nz": 0}, ValueError, "max_nz must be between 1"),
+    ({"max_nz": 6}, ValueError, "max_nz must be between 1"),
+    ({"max_nz": 2.5}, TypeError, "max_nz must be an integer"),
+    ({"gamma": 0.0}, ValueError, "gamma must be a positive"),
+    ({"gamma": -1.0}, ValueError, "gamma must be a positive"),
+    ({"a": _A[:4]}, ValueError, "a must have shape"),
+    ({"b": np.ones((2, 5)) / 5}, ValueError, "b must have shape"),
+    ({"C": _C[0]}, ValueError, "C must be a 2-D"),
+    ({"formulation": "primal"}, ValueError, "formulation must be"),
+    ({"device": "tpu"}, ValueError, "device must be"),
+])
+def test_bad_input_is_rejected_with_a_message_naming_the_argument(kwargs, error,
+                                                                  match):
+    args = {"a": _A, "b": _B, "C": _C, "max_nz": 2, "gamma": 1.0}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        sparsity_constrained_ot(args.pop("a"), args.pop("b"), args.pop("C"),
+                                args.pop("max_nz"), args.pop("gamma"), **args)
+
+
+def test_transport_maps_source_onto_the_target_cloud_and_back():
+    rng = np.random.RandomState(13)
+    Xs, Xt = rng.randn(30, 2), rng.randn(25, 2) * 0.5 + 5.0
+    est = SparseOTTransport(max_nz=2, gamma=0.5, device="cpu").fit(Xs, X_target=Xt)
+    moved = est.transform(Xs)
+    np.testing.assert_allclose(moved, est.transported_source_)
+    # Barycentric images carry the target's mean, up to the row-marginal error
+    # (the semi-dual's column marginal is exact).
+    bound = est.marginal_error_ * np.abs(Xt).max() + 1e-9
+    assert np.abs(moved.mean(axis=0) - Xt.mean(axis=0)).max() <= bound
+    back = est.inverse_transform(Xt)
+    bound = est.marginal_error_ * np.abs(Xs).max() + 1e-9
+    assert np.abs(back.mean(axis=0) - Xs.mean(axis=0)).max() <= bound
+    assert np.count_nonzero(est.plan_, axis=0).max() <= 2
+    # A new point moves with its nearest training source sample.
+    new = Xs[:1] + 1e-3
+    np.testing.assert_allclose(est.transform(new) - new, moved[:1] - Xs[:1])
+
+
+def test_transport_without_a_target_is_close_to_the_identity_for_small_gamma():
+    X = np.random.RandomState(14).randn(20, 3)
+    est = SparseOTTransport(max_nz=1, gamma=1e-4, device="cpu").fit(X)
+    np.testing.assert_allclose(est.transform(X), X, atol=1e-8)
+
+
+def _shifted_blobs(seed=15):
+    rng = np.random.RandomState(seed)
+    centers = np.array([[0.0, 0.0], [3.0, 0.0]])
+    y_s = np.repeat([0, 1], 30)
+    Xs = centers[y_s] + 0.6 * rng.randn(60, 2)
+    y_t = np.repeat([0, 1], 25)
+    # The target is the source stretched and shifted past the source boundary.
+    Xt = 1.5 * (centers[y_t] + 0.6 * rng.randn(50, 2)) + [4.0, 2.0]
+    return Xs, y_s, Xt, y_t
+
+
+def test_domain_adaptation_beats_training_on_the_raw_source():
+    Xs, y_s, Xt, y_t = _shifted_blobs()
+    raw = LogisticRegression().fit(Xs, y_s).score(Xt, y_t)
+    clf = SparseOTDomainAdaptationClassifier(max_nz=2, gamma=0.1, device="cpu")
+    adapted = clf.fit(Xs, y_s, X_target=Xt).score(Xt, y_t)
+    assert adapted >= 0.9 > raw
+
+
+def test_grid_search_over_a_pipeline_routes_x_target():
+    Xs, y_s, Xt, y_t = _shifted_blobs()
+    # Train on the source, validate on a few labelled target samples; the
+    # unlabelled target cloud travels as routed metadata.
+    X = np.r_[Xs, Xt[::5]]
+    y = np.r_[y_s, y_t[::5]]
+    folds = np.r_[np.full(len(Xs), -1), np.zeros(len(Xt[::5]))]
+    with sklearn.config_context(enable_metadata_routing=True):
+        clf = SparseOTDomainAdaptationClassifier(
+            LogisticRegression(), device="cpu").set_fit_request(
+            X_target=True, sample_weight=False)
+        search = GridSearchCV(
+            make_pipeline(clf),
+            {"sparseotdomainadaptationclassifier__max_nz": [1, 3],
+             "sparseotdomainadaptationclassifier__gamma": [0.1, 1.0],
+             "sparseotdomainadaptationclassifier__estimator__C": [0.1, 1.0]},
+            cv=PredefinedSplit(folds),
+        )
+        search.fit(X, y, X_target=Xt)
+    assert search.best_score_ >= 0.9
+    fitted = search.best_estimator_[-1]
+    assert fitted.transport_.target_.shape == Xt.shape
