@@ -18,6 +18,8 @@ CHECK_PARAMS = {
         "max_epochs": 20, "lr": 0.02, "module__hidden_units": (16,),
     },
     "PrestoClassifierCV": {"alphas": 4, "cv": 3},
+    "SparseOTDomainAdaptationClassifier": {"max_iter": 100},
+    "SparseOTTransport": {"max_iter": 100},
 }
 
 # {estimator name: {check name: written reason}}; the goal is an empty table.
@@ -27,6 +29,22 @@ EXPECTED_FAILED_CHECKS = {
             "the check's data are separable, so the unpenalized MLE does not exist "
             "(coefficients diverge); weighted and repeated fits minimize the same "
             "objective but stop at different points of the divergent path."
+        ),
+    },
+    "SparseOTDomainAdaptationClassifier": {
+        "check_sample_weight_equivalence_on_dense_data": (
+            "max_nz caps the number of source SAMPLES per target column: a "
+            "sample of weight 2 is one row, its duplicate is two rows (and, "
+            "without X_target, two target columns), so the sparse plans differ "
+            "by design."
+        ),
+    },
+    "SparseOTTransport": {
+        "check_sample_weight_equivalence_on_dense_data": (
+            "max_nz caps the number of source SAMPLES per target column: a "
+            "sample of weight 2 is one row, its duplicate is two rows (and, "
+            "without X_target, two target columns), so the sparse plans differ "
+            "by design."
         ),
     },
     "RegularizedNetClassifier": {
