@@ -240,8 +240,9 @@ class ConvOrthogonality(Regularizer):
     >>> with torch.no_grad():
     ...     _ = conv.weight.zero_()
     ...     conv.weight[0, 0, 1, 1] = conv.weight[1, 1, 1, 1] = 1.0
-    >>> float(ConvOrthogonality(strength=1.0).penalty(conv, y_pred=None,
-    ...                                                sample_index=None))
+    >>> value = ConvOrthogonality(strength=1.0).penalty(conv, y_pred=None,
+    ...                                                 sample_index=None)
+    >>> value.item()
     0.0
     """
 
