@@ -1,0 +1,150 @@
+"""skreg's sparsity-constrained OT against POT's, on the same problems.
+
+Gaussian clouds (source N(0, I), target N(1, I)) with uniform masses and a
+squared Euclidean cost; gamma = 0.1 * median(C) ("near OT") or that times n
+("smooth"). For each problem: skreg (semi-dual), POT's semi-dual and dual
+(``ot.smooth.smooth_ot_semi_dual/_dual(..., reg_type="sparsity_constrained")``,
+default settings), each timed; POT's own semi-dual objective evaluated at each
+solver's potentials (higher is better); marginal L1 errors of the read-out and
+of skreg's repaired plan; max nonzeros per column; primal objective; cost gap to
+``ot.emd2``. POT runs on n <= 1000 by default (it takes 26-45 s at n = 1000 and
+over 150 s at n = 3000); ``--pot-large`` adds n = 3000.
+
+Run: ``python benchmarks/bench_transport.py [--device cuda --large] [--quick]``.
+"""
+
+import argparse
+import contextlib
+import io
+import time
+import warnings
+
+import numpy as np
+import ot
+import torch
+from ot.smooth import SparsityConstrained, semi_dual_obj_grad
+
+from skreg._device import resolve_device
+from skreg.transport import sparsity_constrained_ot
+
+
+def _problem(n, d, seed=0):
+    rng = np.random.RandomState(seed)
+    xs, xt = rng.randn(n, d), rng.randn(n, d) + 1.0
+    return np.full(n, 1.0 / n), np.full(n, 1.0 / n), ot.dist(xs, xt)
+
+
+def _pot_objective(alpha, a, b, C, k, gamma):
+    with contextlib.redirect_stdout(io.StringIO()):
+        value, _ = semi_dual_obj_grad(alpha, a, b, C, SparsityConstrained(k, gamma))
+    return value
+
+
+def _errors(plan, a, b):
+    return np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum()
+
+
+def _run_pot(kind, a, b, C, k, gamma):
+    solver = (ot.smooth.smooth_ot_semi_dual if kind == "semi_dual"
+              else ot.smooth.smooth_ot_dual)
+    start = time.perf_counter()
+    # POT's projection_sparse_simplex prints on every evaluation.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan, log = solver(a, b, C, gamma, reg_type="sparsity_constrained",
+                           max_nz=k, log=True)
+    seconds = time.perf_counter() - start
+    return plan, log, seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--large", action="store_true",
+                        help="add n = 10000 and 30000 (skreg only; for a GPU)")
+    parser.add_argument("--pot-large", action="store_true",
+                        help="also run POT at n = 3000 (minutes per row)")
+    parser.add_argument("--quick", action="store_true",
+                        help="n = 200 and 1000, d = 2 only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: fair to POT, and "
+                             "faster on a loaded machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    sizes = [200, 1000] if args.quick else [200, 1000, 3000]
+    if args.large:
+        sizes += [10000, 30000]
+    dims = [2] if args.quick else [2, 10]
+    pot_max = 3000 if args.pot_large else 1000
+
+    print(f"device={device}, torch threads={args.threads}")
+    header = ["n", "d", "k", "gamma", "skreg s", "POT semi s", "POT dual s",
+              "ratio", "skreg iters", "POT obj @skreg - POT obj",
+              "POT obj @POT dual", "err read-out skreg", "err POT semi",
+              "err POT dual", "err repaired", "repaired", "binding",
+              "max nnz/col", "primal", "gap", "cost / emd2 - 1"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for n in sizes:
+        for d in dims:
+            a, b, C = _problem(n, d)
+            median = float(np.median(C))
+            emd = ot.emd2(a, b, C, numItermax=10**7) if n <= 3000 else float("nan")
+            C_dev = torch.as_tensor(C, device=device)
+            a_dev = torch.as_tensor(a, device=device)
+            b_dev = torch.as_tensor(b, device=device)
+            for k in (2, 10):
+                for label, gamma in (("0.1 med", 0.1 * median),
+                                     ("0.1 med n", 0.1 * median * n)):
+                    start = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        res = sparsity_constrained_ot(a_dev, b_dev, C_dev, k, gamma)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    ours_s = time.perf_counter() - start
+                    alpha = res.alpha.cpu().numpy()
+                    plan = res.plan.cpu().numpy()
+                    ours_obj = _pot_objective(alpha, a, b, C, k, gamma)
+                    row = {"skreg s": f"{ours_s:.2f}"}
+                    if n <= pot_max:
+                        pot_plan, pot_log, pot_s = _run_pot("semi_dual", a, b, C, k,
+                                                            gamma)
+                        pot_obj = _pot_objective(pot_log["alpha"], a, b, C, k, gamma)
+                        dual_plan, dual_log, dual_s = _run_pot("dual", a, b, C, k,
+                                                               gamma)
+                        dual_obj = _pot_objective(dual_log["alpha"], a, b, C, k,
+                                                  gamma)
+                        row.update({
+                            "POT semi s": f"{pot_s:.2f}",
+                            "POT dual s": f"{dual_s:.2f}",
+                            "ratio": f"{pot_s / ours_s:.1f}x",
+                            "POT obj @skreg - POT obj": f"{ours_obj - pot_obj:+.2e}",
+                            "POT obj @POT dual": f"{dual_obj - pot_obj:+.2e}",
+                            "err POT semi": f"{_errors(pot_plan, a, b):.1e}",
+                            "err POT dual": f"{_errors(dual_plan, a, b):.1e}",
+                        })
+                    else:
+                        row.update({"POT obj @skreg - POT obj": f"{ours_obj:.6f}"})
+                    cells = [
+                        str(n), str(d), str(k), label, row["skreg s"],
+                        row.get("POT semi s", "-"), row.get("POT dual s", "-"),
+                        row.get("ratio", "-"), f"{int(res.n_iter)}",
+                        row["POT obj @skreg - POT obj"],
+                        row.get("POT obj @POT dual", "-"),
+                        f"{float(res.readout_marginal_error):.1e}",
+                        row.get("err POT semi", "-"), row.get("err POT dual", "-"),
+                        f"{float(res.marginal_error):.1e}",
+                        str(bool(res.repaired)), str(bool(res.binding)),
+                        str(int(np.count_nonzero(plan, axis=0).max())),
+                        f"{float(res.primal_objective):.6f}",
+                        f"{float(res.duality_gap):.1e}",
+                        f"{float(res.cost) / emd - 1:+.3f}" if emd == emd else "-",
+                    ]
+                    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
