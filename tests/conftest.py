@@ -1,13 +1,11 @@
-import os
-
 import pytest
 import torch
 
 from skreg._device import cuda_available
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One torch thread per xdist worker: the workers already share the cores.
-    torch.set_num_threads(1)
+# The tests fit tiny problems, where torch's intra-op threads cost more in
+# synchronization than they save, and xdist workers already share the cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
