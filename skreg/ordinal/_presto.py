@@ -19,6 +19,7 @@ from skreg.ordinal._solver import (
     fit_proportional_odds,
     intercept_only_logits,
     presto_lambda_max,
+    stack_designs,
 )
 
 _PRESTO_CONSTRAINTS = {
@@ -77,12 +78,17 @@ class _StandardizedProblem:
         return coef, to_numpy(intercept) - coef @ self.mean
 
     def lambda_max(self, start, l1_ratio):
-        return float(presto_lambda_max(self.design, *start, l1_ratio))
+        intercept, psi = start
+        return float(presto_lambda_max(self.design, intercept.unsqueeze(0),
+                                       psi.unsqueeze(0), l1_ratio))
 
     def solve(self, lam, l1_ratio, start, max_iter, tol):
-        intercept, psi = start if start is not None else (None, None)
-        return fit_presto(self.design, lam, l1_ratio, intercept=intercept, psi=psi,
-                          max_iter=max_iter, tol=tol)
+        intercept, psi = (None, None) if start is None else (
+            start[0].unsqueeze(0), start[1].unsqueeze(0))
+        intercept, psi, result = fit_presto(self.design, lam, l1_ratio,
+                                            intercept=intercept, psi=psi,
+                                            max_iter=max_iter, tol=tol)
+        return intercept[0], psi[0], result
 
 
 def _warn_not_converged(result, lam):
@@ -314,8 +320,9 @@ class PrestoClassifierCV(CumulativeLogitMixin):
         ``"alphas"``, ``"mean_test_loss"``, ``"std_test_loss"`` and
         ``"split{i}_test_loss"`` (lower is better).
     classes_, coef_, intercept_, n_iter_ :
-        As in :class:`PrestoClassifier`, for the refit at ``alpha_``
-        (``n_iter_`` sums the iterations of the refit's path).
+        As in :class:`PrestoClassifier`, for the full-data fit at ``alpha_``
+        (``n_iter_`` sums the iterations of the path down to ``alpha_``, all
+        folds and the full data being solved as one batch).
 
     Notes
     -----
@@ -361,17 +368,6 @@ class PrestoClassifierCV(CumulativeLogitMixin):
         self.tol = tol
         self.device = device
 
-    def _path(self, problem, alphas, tol):
-        """Warm-started fits along ``alphas``; yields ``(intercept, psi, result)``."""
-        start = problem.zero_penalty_start(self.max_iter, tol)
-        for lam in alphas:
-            intercept, psi, result = problem.solve(lam, self.l1_ratio, start,
-                                                   self.max_iter, tol)
-            if not result.converged:
-                _warn_not_converged(result, lam)
-            start = (intercept, psi)
-            yield intercept, psi, result
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Fit the path, cross-validate it, and refit at the best penalty.
@@ -408,7 +404,7 @@ class PrestoClassifierCV(CumulativeLogitMixin):
                     f"finite non-negative penalties, got {self.alphas!r}."
                 )
         cv = check_cv(self.cv, codes, classifier=True)
-        losses = []
+        problems, tests = [], []
         for fold, (train, test) in enumerate(cv.split(X, codes)):
             missing = np.setdiff1d(np.arange(n_classes),
                                    codes[train][weights[train] > 0])
@@ -422,14 +418,34 @@ class PrestoClassifierCV(CumulativeLogitMixin):
                                            X.dtype, self.penalize_first)
             X_test = to_tensor((X[test] - problem.mean) / problem.scale, device,
                                dtype=problem.X.dtype)
+            problems.append(problem)
+            tests.append((X_test, test))
+        # the folds and the full data share the penalty path, so they are solved
+        # as one batch: one set of tensor operations per step for all of them
+        problems.append(full)
+        design = stack_designs([problem.design for problem in problems])
+        starts = [problem.zero_penalty_start(self.max_iter, tol)
+                  for problem in problems]
+        start = (torch.stack([s[0] for s in starts]),
+                 torch.stack([s[1] for s in starts]))
+        losses, path, n_iter = [], [], []
+        for lam in alphas:
+            intercept, psi, result = fit_presto(design, lam, self.l1_ratio,
+                                                intercept=start[0], psi=start[1],
+                                                max_iter=self.max_iter, tol=tol)
+            if not result.converged:
+                _warn_not_converged(result, lam)
+            start = (intercept, psi)
+            path.append((intercept[-1], psi[-1]))
+            n_iter.append(result.n_iter)
             fold_losses = []
-            for intercept, psi, _ in self._path(problem, alphas, tol):
-                eta = intercept + X_test @ torch.cumsum(psi, 0).T
+            for b, (X_test, test) in enumerate(tests):
+                eta = intercept[b] + X_test @ torch.cumsum(psi[b], 0).T
                 proba = to_numpy(class_probabilities(eta)[0])
                 fold_losses.append(_fold_loss(proba, codes[test], weights[test],
                                               self.scoring))
             losses.append(fold_losses)
-        losses = np.asarray(losses)
+        losses = np.asarray(losses).T
         mean = losses.mean(0)
         # the largest penalty among the (numerically) tied best, as the authors do
         best = int(np.flatnonzero(mean <= mean.min() + 1e-12 * abs(mean.min()))[0])
@@ -440,10 +456,8 @@ class PrestoClassifierCV(CumulativeLogitMixin):
                             "std_test_loss": losses.std(0)}
         for fold, fold_losses in enumerate(losses):
             self.cv_results_[f"split{fold}_test_loss"] = fold_losses
-        fits = list(self._path(full, alphas[: best + 1], tol))
-        intercept, psi, _ = fits[-1]
-        coef, intercept = full.raw(intercept, psi)
+        coef, intercept = full.raw(*path[best])
         self.coef_ = coef.astype(X.dtype, copy=False)
         self.intercept_ = intercept.astype(X.dtype, copy=False)
-        self.n_iter_ = sum(result.n_iter for _, _, result in fits)
+        self.n_iter_ = int(sum(n_iter[: best + 1]))
         return self

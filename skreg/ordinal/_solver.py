@@ -146,17 +146,22 @@ def intercept_only_logits(y, w, n_classes):
 
 @dataclass
 class CumulativeDesign:
-    """The two adjacent logits of every observation as linear maps of ``theta``.
+    """A batch of PRESTO problems, ready for the loss and its derivatives.
 
-    ``theta = [intercept (K-1), psi (K-1, p) flattened]``. Row ``i`` of ``upper``
-    (``lower``) gives ``eta_{y_i}`` (``eta_{y_i - 1}``) so the loss and its
-    gradient need two matrix-vector products and a few elementwise operations;
-    ``upper_offset`` is ``+inf`` for the top class and ``lower_offset`` is ``-inf``
-    for the bottom one. ``penalized`` is 1 on the penalized entries of ``theta``.
+    ``B`` independent problems (cross-validation folds and the full data) are
+    solved together: ``theta`` is ``(B, D)`` with, per problem,
+    ``[intercept (K-1), psi (K-1, p) flattened]``. ``X`` is ``(B, n, p)``;
+    ``upper_index``/``lower_index`` pick each observation's two adjacent logits
+    ``eta_{y_i}`` and ``eta_{y_i - 1}``; ``upper_offset`` is ``+inf`` for the top
+    class and ``lower_offset`` is ``-inf`` for the bottom one (both for the zero-
+    weight rows that pad the problems to one size). ``penalized`` is 1 on the
+    penalized entries of ``theta``.
     """
 
-    upper: torch.Tensor
-    lower: torch.Tensor
+    X: torch.Tensor
+    y: torch.Tensor
+    upper_index: torch.Tensor
+    lower_index: torch.Tensor
     upper_offset: torch.Tensor
     lower_offset: torch.Tensor
     w: torch.Tensor
@@ -164,36 +169,60 @@ class CumulativeDesign:
     n_classes: int
 
     def split(self, theta):
-        """``(intercept, psi)`` views of a flat parameter vector."""
+        """``(intercept, psi)`` of a ``(B, D)`` parameter batch."""
         km1 = self.n_classes - 1
-        return theta[:km1], theta[km1:].reshape(km1, -1)
+        return theta[:, :km1], theta[:, km1:].reshape(theta.shape[0], km1, -1)
 
 
 def cumulative_design(X, y, w, n_classes, penalize_first=True):
-    """Build the :class:`CumulativeDesign` of PRESTO for data ``(X, y, w)``."""
-    n, p = X.shape
+    """Build the :class:`CumulativeDesign` (a batch of one) for ``(X, y, w)``."""
+    p = X.shape[1]
     km1 = n_classes - 1
-    levels = torch.arange(km1, device=X.device)
-    parts = []
-    for index in (y, y - 1):
-        valid = (index >= 0) & (index < km1)
-        onehot = (levels == index.unsqueeze(1)) & valid.unsqueeze(1)
-        # beta_k = psi_0 + ... + psi_k, so eta_k reads x in every block j <= k
-        blocks = (levels <= index.unsqueeze(1)) & valid.unsqueeze(1)
-        slopes = (blocks.to(X.dtype).unsqueeze(2) * X.unsqueeze(1)).reshape(n, -1)
-        parts.append(torch.cat([onehot.to(X.dtype), slopes], dim=1))
     upper_offset = torch.where(y == km1, math.inf, 0.0).to(X.dtype)
     lower_offset = torch.where(y == 0, -math.inf, 0.0).to(X.dtype)
     mask = penalty_mask(km1, penalize_first, X.dtype, X.device).expand(km1, p)
     penalized = torch.cat([torch.zeros(km1, dtype=X.dtype, device=X.device),
                            mask.reshape(-1)])
-    return CumulativeDesign(parts[0], parts[1], upper_offset, lower_offset, w,
-                            penalized, n_classes)
+    return CumulativeDesign(
+        X.unsqueeze(0), y.unsqueeze(0), y.clamp(0, km1 - 1).unsqueeze(0),
+        (y - 1).clamp(0, km1 - 1).unsqueeze(0), upper_offset.unsqueeze(0),
+        lower_offset.unsqueeze(0), w.unsqueeze(0), penalized, n_classes)
+
+
+def stack_designs(designs):
+    """One batched design from several (same ``K``, ``p`` and penalty), padded."""
+    n_max = max(d.X.shape[1] for d in designs)
+
+    def pad(t, value):
+        extra = n_max - t.shape[1]
+        if extra == 0:
+            return t
+        shape = (t.shape[0], extra) + tuple(t.shape[2:])
+        return torch.cat([t, torch.full(shape, value, dtype=t.dtype,
+                                         device=t.device)], dim=1)
+
+    def stack(name, value):
+        return torch.cat([pad(getattr(d, name), value) for d in designs])
+
+    first = designs[0]
+    return CumulativeDesign(
+        stack("X", 0.0), stack("y", 0), stack("upper_index", 0),
+        stack("lower_index", 0), stack("upper_offset", math.inf),
+        stack("lower_offset", -math.inf), stack("w", 0.0), first.penalized,
+        first.n_classes)
+
+
+def _logits(design, theta):
+    intercept, psi = design.split(theta)
+    beta = torch.cumsum(psi, 1)
+    eta = intercept.unsqueeze(1) + torch.bmm(design.X, beta.transpose(1, 2))
+    upper = eta.gather(2, design.upper_index.unsqueeze(2)).squeeze(2)
+    lower = eta.gather(2, design.lower_index.unsqueeze(2)).squeeze(2)
+    return upper + design.upper_offset, lower + design.lower_offset
 
 
 def _design_loss(design, theta):
-    upper = design.upper @ theta + design.upper_offset
-    lower = design.lower @ theta + design.lower_offset
+    upper, lower = _logits(design, theta)
     w = design.w
     gap = lower - upper
     feasible = (gap < 0) | (w == 0)
@@ -205,13 +234,33 @@ def _design_loss(design, theta):
         upper, lower)
 
 
+def _to_thresholds(design, upper_values, lower_values):
+    """Scatter per-observation values on their two logits: ``(B, n, K-1)``."""
+    B, n = design.w.shape
+    out = torch.zeros((B, n, design.n_classes - 1), dtype=design.X.dtype,
+                      device=design.X.device)
+    out.scatter_add_(2, design.upper_index.unsqueeze(2), upper_values.unsqueeze(2))
+    out.scatter_add_(2, design.lower_index.unsqueeze(2), lower_values.unsqueeze(2))
+    return out
+
+
+def _reverse_cumsum(t, dim):
+    return torch.flip(torch.cumsum(torch.flip(t, (dim,)), dim), (dim,))
+
+
 def _design_grad(design, logits):
     upper, lower = logits
     u = (upper - lower).clamp_min(torch.finfo(upper.dtype).tiny)
     inv = torch.exp(-u) / (-torch.expm1(-u))
+    # the top (bottom) class has no upper (lower) logit: its offset is infinite
+    # and its derivative below is exactly zero, so the clamped index adds nothing
     d_upper = -design.w * (torch.sigmoid(-upper) + inv)
     d_lower = design.w * (torch.sigmoid(lower) + inv)
-    return design.upper.T @ d_upper + design.lower.T @ d_lower
+    g_eta = _to_thresholds(design, d_upper, d_lower)
+    g_beta = torch.bmm(g_eta.transpose(1, 2), design.X)
+    # beta_k = sum_{j<=k} psi_j, so d/dpsi_j sums the beta gradients for k >= j
+    g_psi = _reverse_cumsum(g_beta, 1)
+    return torch.cat([g_eta.sum(1), g_psi.reshape(g_psi.shape[0], -1)], dim=1)
 
 
 def _design_hessian_diagonal(design, logits):
@@ -221,8 +270,14 @@ def _design_hessian_diagonal(design, logits):
     w = design.w
     h_upper = w * (torch.sigmoid(upper) * torch.sigmoid(-upper) + q)
     h_lower = w * (torch.sigmoid(lower) * torch.sigmoid(-lower) + q)
-    return (design.upper.square().T @ h_upper + design.lower.square().T @ h_lower
-            - 2 * (design.upper * design.lower).T @ (w * q))
+    h_intercept = _to_thresholds(design, h_upper, h_lower).sum(1)
+    # psi_j enters eta_k for every k >= j: both adjacent logits of an interior
+    # class read it when j <= y_i - 1, and then the cross term -2q counts too
+    cross = torch.where(torch.isfinite(lower) & torch.isfinite(upper), -2 * w * q,
+                        torch.zeros_like(q))
+    per_row = _reverse_cumsum(_to_thresholds(design, h_upper, h_lower + cross), 2)
+    h_psi = torch.bmm(per_row.transpose(1, 2), design.X.square())
+    return torch.cat([h_intercept, h_psi.reshape(h_psi.shape[0], -1)], dim=1)
 
 
 def _soft_threshold(z, threshold):
@@ -249,7 +304,8 @@ def kkt_violation(grad, theta, lasso, penalized):
 
 
 def _pack(intercept, psi):
-    return torch.cat([intercept, psi.reshape(-1)])
+    """Flat ``(B, D)`` parameters from ``(B, K-1)`` intercepts and ``(B, K-1, p)``."""
+    return torch.cat([intercept, psi.reshape(psi.shape[0], -1)], dim=1)
 
 
 def presto_objective(X, y, w, intercept, psi, lam, l1_ratio, penalize_first=True):
@@ -259,7 +315,7 @@ def presto_objective(X, y, w, intercept, psi, lam, l1_ratio, penalize_first=True
     with ``m_0 = penalize_first`` and ``m_k = 1`` for the differences.
     """
     design = cumulative_design(X, y, w, intercept.shape[0] + 1, penalize_first)
-    theta = _pack(intercept, psi)
+    theta = _pack(intercept.unsqueeze(0), psi.unsqueeze(0))
     nll, _ = _design_loss(design, theta)
     pen = design.penalized * theta
     return nll + lam * (l1_ratio * pen.abs().sum()
@@ -272,7 +328,8 @@ def presto_lambda_max(design, intercept, psi, l1_ratio):
     ``(intercept, psi)`` must be the fit with the penalized entries fixed at zero
     (intercept-only when the first vector is penalized, else proportional odds).
     For a ridge (``l1_ratio = 0``) the value is computed as for
-    ``l1_ratio = 1e-3``, as glmnet does.
+    ``l1_ratio = 1e-3``, as glmnet does. Batched designs give the largest value
+    over the batch.
     """
     theta = _pack(intercept, psi)
     _, logits = _design_loss(design, theta)
@@ -288,14 +345,18 @@ def fit_presto(design, lam, l1_ratio=1.0, *, intercept=None, psi=None,
     ----------
     design : CumulativeDesign
         The data, from :func:`cumulative_design` (standardized features,
-        weights summing to one, which rows of ``psi`` are penalized).
+        weights summing to one, which rows of ``psi`` are penalized), or a batch
+        of independent problems from :func:`stack_designs`, solved together: the
+        objective is their sum, so one step size, one momentum and a KKT check
+        over the whole batch serve all of them.
     lam : float
         Penalty strength ``lambda >= 0``.
     l1_ratio : float
         Share of the L1 part of the elastic-net penalty on ``psi``.
     intercept, psi : torch.Tensor, optional
-        Starting point (a warm start); by default, or when it lies outside the
-        likelihood's domain, the intercept-only fit.
+        Starting point ``(B, K-1)`` and ``(B, K-1, p)`` (a warm start); by
+        default, or when it lies outside the likelihood's domain, the
+        intercept-only fit.
     max_iter : int
         Maximum number of accepted FISTA steps.
     tol : float
@@ -304,8 +365,8 @@ def fit_presto(design, lam, l1_ratio=1.0, *, intercept=None, psi=None,
 
     Returns
     -------
-    intercept : torch.Tensor of shape (K-1,)
-    psi : torch.Tensor of shape (K-1, p)
+    intercept : torch.Tensor of shape (B, K-1)
+    psi : torch.Tensor of shape (B, K-1, p)
     result : SolverResult
 
     Notes
@@ -320,8 +381,8 @@ def fit_presto(design, lam, l1_ratio=1.0, *, intercept=None, psi=None,
     Candes, 2015). The step grows by 10% after every accepted step.
     """
     km1 = design.n_classes - 1
-    ref = design.upper
-    n_coef = ref.shape[1]
+    ref = design.X
+    n_coef = (ref.shape[0], km1 * (1 + ref.shape[2]))
     penalized = design.penalized
     ridge, lasso = lam * (1.0 - l1_ratio), lam * l1_ratio
 
@@ -337,18 +398,18 @@ def fit_presto(design, lam, l1_ratio=1.0, *, intercept=None, psi=None,
 
     if intercept is None or psi is None:
         theta = torch.zeros(n_coef, dtype=ref.dtype, device=ref.device)
-        theta[:km1] = intercept_only_logits_from_design(design)
+        theta[:, :km1] = intercept_only_logits_from_design(design)
     else:
         theta = _pack(intercept, psi).clone()
     f_x, logits = smooth(theta)
     if not bool(torch.isfinite(f_x)):
         # a warm start can lie outside the domain of new data: start afresh
         theta = torch.zeros_like(theta)
-        theta[:km1] = intercept_only_logits_from_design(design)
+        theta[:, :km1] = intercept_only_logits_from_design(design)
         f_x, logits = smooth(theta)
     g_x = smooth_grad(theta, logits)
     curvature = _design_hessian_diagonal(design, logits) + ridge * penalized
-    metric = curvature.clamp_min(1e-3 * curvature.max())
+    metric = curvature.clamp_min(1e-3 * curvature.amax(1, keepdim=True))
     kkt = kkt_violation(g_x, theta, lasso, penalized)
     converged = bool(kkt <= tol)
     x, obj_x, logits_x = theta, f_x + nonsmooth(theta), logits
@@ -406,11 +467,11 @@ def fit_presto(design, lam, l1_ratio=1.0, *, intercept=None, psi=None,
 
 
 def intercept_only_logits_from_design(design):
-    """Intercept-only maximum-likelihood thresholds of the design's data."""
-    km1 = design.n_classes - 1
-    # the intercept columns of ``upper`` are the one-hot codes of classes 0..K-2
-    shares = design.upper[:, :km1].T @ design.w
-    cumulative = torch.cumsum(shares, 0).clamp(1e-12, 1 - 1e-12)
+    """Intercept-only maximum-likelihood thresholds of each problem, ``(B, K-1)``."""
+    shares = torch.zeros((design.w.shape[0], design.n_classes), dtype=design.w.dtype,
+                         device=design.w.device)
+    shares.scatter_add_(1, design.y, design.w)
+    cumulative = torch.cumsum(shares, 1)[:, :-1].clamp(1e-12, 1 - 1e-12)
     return torch.logit(cumulative)
 
 
