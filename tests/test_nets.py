@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.datasets import load_iris, make_regression
 from sklearn.model_selection import GridSearchCV
+from skorch.dataset import ValidSplit
 from torch import nn
 
 from skreg.datasets import make_noisy_labels
@@ -262,6 +263,25 @@ def test_set_params_on_a_fitted_net_reaches_the_trained_regularizer(iris):
     net.set_params(regularizers__group_sparsity__strength=0.5)
     assert net.regularizers[0].strength == 0.5
     assert net.regularizers_[0][1].strength == 0.5
+
+
+def test_module_params_set_on_a_fitted_auto_device_net_rebuild_the_module(iris):
+    X, y = iris
+    net = _net(device="auto").fit(X, y)
+    net.set_params(module__hidden_units=(5,))
+    assert net.module_.hidden_units == (5,)
+    assert net.get_params()["device"] == "auto"
+    net.set_params(device="cpu")
+    assert net.device == "cpu"
+
+
+def test_skorch_internal_validation_split_works_with_elr_and_reports_accuracy(iris):
+    X, y = iris
+    net = _net(train_split=ValidSplit(3, stratified=True),
+               regularizers=[EarlyLearningRegularization()]).fit(X, y)
+    accuracy = net.history[-1, "valid_acc"]
+    assert 0.7 < accuracy <= 1.0
+    assert net.regularizers_[0][1].targets_.shape == (150, 3)
 
 
 def test_pickle_round_trip_keeps_predictions_and_elr_state(iris):

@@ -181,13 +181,21 @@ class _RegularizedNetMixin:
     def set_params(self, **params):
         routed = {key: params.pop(key) for key in list(params)
                   if key.startswith("regularizers__")}
+        if "device" in params:
+            # Set before the device context below, which restores the old value.
+            self.__dict__["device"] = params.pop("device")
         if "callbacks" in params:
             # skorch builds the callbacks at once; like any other parameter they
             # are only checked when the net is (re)initialized.
             self.__dict__["callbacks"] = params.pop("callbacks")
             if self.initialized_:
                 self._initialize_callbacks()
-        super().set_params(**params)
+        if self.initialized_:
+            # skorch re-initializes the module on the device for module__ params.
+            with self._on_device():
+                super().set_params(**params)
+        else:
+            super().set_params(**params)
         if routed:
             self._set_regularizer_params(routed)
         return self
@@ -357,10 +365,8 @@ class _RegularizedNetMixin:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                if routing_method == "fit" and (
-                        not self.warm_start or not self.initialized_):
-                    self.initialize()
-                elif not self.initialized_:
+                if not self.initialized_ or (
+                        routing_method == "fit" and not self.warm_start):
                     self.initialize()
                 generator = torch.Generator(device=device).manual_seed(seed)
                 needs_index = False
