@@ -57,10 +57,12 @@ for strength in strengths:
 # ----------------------------------------------
 fig, ax = plt.subplots(figsize=(6, 4))
 ax.plot(np.array(pruned_fraction) * 100, accuracy, "o-")
-for fraction, acc, strength, size in zip(pruned_fraction, accuracy, strengths,
-                                         sizes, strict=True):
+for i, (fraction, acc, strength, size) in enumerate(
+        zip(pruned_fraction, accuracy, strengths, sizes, strict=True)):
+    # Alternate above/below so neighbouring labels do not overlap.
     ax.annotate(f"lambda={strength:g}\n{size}", (fraction * 100, acc),
-                textcoords="offset points", xytext=(4, -22), fontsize=7)
+                textcoords="offset points", xytext=(4, -22 if i % 2 else 6),
+                fontsize=7)
 ax.set_xlabel("hidden units pruned (%)")
 ax.set_ylabel("test accuracy")
 ax.set_title("GroupSparsity on an MLP (128, 128), digits")
