@@ -336,7 +336,8 @@ class PrestoClassifierCV(CumulativeLogitMixin):
     --------
     >>> from skreg.datasets import make_rare_ordinal
     >>> from skreg.ordinal import PrestoClassifierCV
-    >>> X, y, _ = make_rare_ordinal(n_samples=400, random_state=0)
+    >>> X, y, _ = make_rare_ordinal(n_samples=400, intercepts=(0, 2, 3.5),
+    ...                             random_state=0)
     >>> clf = PrestoClassifierCV(alphas=5, cv=3, device="cpu").fit(X, y)
     >>> clf.alphas_.shape
     (5,)
