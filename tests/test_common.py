@@ -18,8 +18,8 @@ CHECK_PARAMS = {
         "max_epochs": 20, "lr": 0.02, "module__hidden_units": (16,),
     },
     "PrestoClassifierCV": {"alphas": 4, "cv": 3},
-    "SparseOTDomainAdaptationClassifier": {"max_iter": 100},
-    "SparseOTTransport": {"max_iter": 100},
+    "SparseOTDomainAdaptationClassifier": {"max_iter": 20},
+    "SparseOTTransport": {"max_iter": 20},
 }
 
 # {estimator name: {check name: written reason}}; the goal is an empty table.

@@ -283,8 +283,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     The semi-dual is maximized by L-BFGS, then by a semismooth Newton method
     whose generalized Hessian is a graph Laplacian over the chosen supports
     (Levenberg-Marquardt damping handles its null directions). A phase stops
-    when the marginal error reaches ``tol`` or stalls: no 0.1% (L-BFGS) or 1%
-    (Newton) decrease of the best error for a number of iterations.
+    when the marginal error reaches ``tol`` or stalls: for L-BFGS, the value
+    rose by less than ``1e-12`` relative over 10 iterations; for Newton, the
+    best error fell by less than 1% over 5 iterations or the line search found
+    no ascent.
 
     When the constraint binds, the maximum sits on a kink of the dual and no
     ``k``-sparse read-out has exact marginals; ``repair`` then returns a
