@@ -176,6 +176,39 @@ def test_partial_fit_keeps_no_sample_sized_state(planted):
     assert len(set(sizes)) == 1
 
 
+def test_dask_ml_incremental_streams_blocks_through_partial_fit(planted):
+    da = pytest.importorskip("dask.array")
+    dask = pytest.importorskip("dask")
+    wrappers = pytest.importorskip("dask_ml.wrappers")
+    Y, D, _ = planted
+    Y = Y[:1920]
+    with dask.config.set(scheduler="synchronous"):
+        incremental = wrappers.Incremental(
+            OrthogonalDictionaryLearning(batch_size=32, random_state=0, device="cpu"),
+            shuffle_blocks=False,
+        ).fit(da.from_array(Y, chunks=(320, Y.shape[1])))
+    streamed = OrthogonalDictionaryLearning(batch_size=32, random_state=0,
+                                            device="cpu").partial_fit(Y)
+    assert incremental.estimator_.n_steps_ == 60
+    assert_allclose(incremental.estimator_.components_, streamed.components_,
+                    atol=1e-12)
+
+
+def test_score_is_the_mean_lp_objective_and_prefers_the_planted_atoms(planted):
+    Y, D, _ = planted
+    odl = OrthogonalDictionaryLearning(power=3, max_iter=3, random_state=0,
+                                       device="cpu").fit(Y)
+    assert odl.score(Y) == pytest.approx(_lp_objective(odl.components_, Y, 3))
+    planted_model = OrthogonalDictionaryLearning(power=3, max_iter=3, random_state=0,
+                                                 device="cpu").fit(Y)
+    planted_model.components_ = D
+    rotated = OrthogonalDictionaryLearning(power=3, max_iter=3, random_state=0,
+                                           device="cpu").fit(Y)
+    rotated.components_ = np.linalg.qr(np.random.RandomState(1).standard_normal(
+        (12, 12)))[0]
+    assert planted_model.score(Y) > rotated.score(Y)
+
+
 def test_running_mean_of_partial_fit_equals_the_data_mean(planted):
     Y = planted[0][:900] + 5.0
     odl = OrthogonalDictionaryLearning(center=True, random_state=0, device="cpu")

@@ -14,11 +14,18 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from .._device import resolve_device, to_numpy, to_tensor, torch_generator
+from .._device import (
+    resolve_device,
+    to_numpy,
+    to_tensor,
+    torch_dtype,
+    torch_generator,
+)
 from ._solver import (
     frank_wolfe,
     frank_wolfe_step,
     hard_threshold,
+    lp_objective,
     msp,
     procrustes,
     random_orthogonal,
@@ -122,8 +129,8 @@ class OrthogonalDictionaryLearning(
     makes l_4 maximization a complete dictionary learner (Zhai, Yang, Liao,
     Wright, Ma, "Complete dictionary learning via l4-norm maximization over the
     orthogonal group", JMLR 2020). The online rule (Xue and Lau, "Online
-    orthogonal dictionary learning based on Frank-Wolfe method", IEEE TNNLS
-    2023) averages stochastic gradients,
+    orthogonal dictionary learning based on Frank-Wolfe method",
+    arXiv:2103.01484) averages stochastic gradients,
     ``G_t = (1 - rho_t) G_{t-1} + rho_t g_t``, moves towards the polar factor
     of ``G_t`` with step ``gamma_t`` and projects back on the orthogonal group.
     Here ``rho_t = min(1, 4 / sqrt(t + 1))`` and ``gamma_t = 2 / (t + 2)^(3/4)``
@@ -287,8 +294,7 @@ class OrthogonalDictionaryLearning(
             n_components = self._check_n_components(n_features)
             generator = torch_generator(check_random_state(self.random_state), device)
             A = random_orthogonal(n_components, n_features, generator=generator,
-                                  dtype=torch.float64 if X.dtype == np.float64
-                                  else torch.float32, device=device)
+                                  dtype=torch_dtype(X.dtype), device=device)
             self.components_ = to_numpy(A)
             self.mean_ = np.zeros(n_features, dtype=X.dtype)
             self._gradient_average = None
@@ -399,6 +405,35 @@ class OrthogonalDictionaryLearning(
         A = to_tensor(self.components_, device, dtype=codes.dtype)
         mean = to_tensor(self.mean_, device, dtype=codes.dtype)
         return to_numpy(codes @ A + mean)
+
+    def score(self, X, y=None):
+        """Mean l_p objective ``||components_ (x - mean_)||_p^p`` over the samples.
+
+        The quantity ``"msp"`` and ``"frank_wolfe"`` maximize: higher means
+        sparser (spikier) projections. It ignores ``transform_algorithm`` and
+        ``transform_alpha``, and values for different ``power`` are not
+        comparable. Present so that model selection and ``dask_ml``'s
+        ``Incremental`` work without a scorer.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to score.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        score : float
+            The mean l_p objective.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        device = resolve_device(self.device)
+        Y = to_tensor(X, device)
+        A = to_tensor(self.components_, device, dtype=Y.dtype)
+        centered = Y - to_tensor(self.mean_, device, dtype=Y.dtype)
+        return float(lp_objective(A, centered, self.power))
 
     @property
     def _n_features_out(self):

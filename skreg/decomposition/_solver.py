@@ -209,7 +209,7 @@ def procrustes(Y, A, *, alpha, max_iter=100, tol=1e-6, verbose=False):
 
     Notes
     -----
-    Known as the l0 orthogonal dictionary learning of Bao, Ji, Quan, Shen (2016).
+    The l0 orthogonal dictionary learning of Bao, Cai and Ji (ICCV 2013).
     """
     n_samples = Y.shape[0]
     squared_norm = (Y * Y).sum()
