@@ -94,3 +94,37 @@ def test_expected_failure_tables_name_only_existing_estimators():
     assert set(CHECK_PARAMS) <= names
     for reasons in EXPECTED_FAILED_CHECKS.values():
         assert all(isinstance(r, str) and len(r) > 20 for r in reasons.values())
+
+
+def _fit_data(estimator):
+    from sklearn.base import is_classifier, is_regressor
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    X, y = X[::3], y[::3]
+    if is_classifier(estimator):
+        return X, y
+    if is_regressor(estimator):
+        return X, X[:, 0]
+    return X, None
+
+
+@pytest.mark.parametrize("name, cls", ESTIMATORS, ids=[n for n, _ in ESTIMATORS])
+def test_model_fitted_on_each_device_holds_numpy_and_pickles(name, cls, device):
+    import pickle
+
+    import numpy as np
+    import torch
+
+    estimator = cls(**{**CHECK_PARAMS.get(name, {}), "device": device})
+    if "random_state" in estimator.get_params():
+        estimator.set_params(random_state=0)
+    X, y = _fit_data(estimator)
+    estimator.fit(X, y)
+    tensors = [key for key, value in vars(estimator).items()
+               if key.endswith("_") and isinstance(value, torch.Tensor)]
+    assert not tensors, f"{name} keeps torch tensors as fitted attributes: {tensors}"
+    restored = pickle.loads(pickle.dumps(estimator))
+    method = "predict" if hasattr(estimator, "predict") else "transform"
+    np.testing.assert_allclose(getattr(restored, method)(X),
+                               getattr(estimator, method)(X))
