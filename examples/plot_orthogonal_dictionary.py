@@ -120,10 +120,14 @@ for ax, components, title in [
     (axes[0], odl.components_, "OrthogonalDictionaryLearning"),
     (axes[1], mbdl.components_, "MiniBatchDictionaryLearning"),
 ]:
-    tiles = components.reshape(8, 8, 8, 8).transpose(0, 2, 1, 3)
-    tiles = tiles / np.abs(tiles).max(axis=(2, 3), keepdims=True)
-    mosaic = np.pad(tiles, ((0, 0), (0, 0), (0, 1), (0, 1))).transpose(0, 2, 1, 3)
-    ax.imshow(mosaic.reshape(72, 72), cmap="gray", interpolation="nearest")
+    # atoms sorted by the energy of their coefficients: structure first, the
+    # atoms that only span noise last
+    energy = np.mean((patches @ components.T) ** 2, axis=0)
+    tiles = components[np.argsort(energy)[::-1]].reshape(64, 8, 8)
+    tiles = tiles / np.abs(tiles).max(axis=(1, 2), keepdims=True)
+    tiles = np.pad(tiles, ((0, 0), (0, 1), (0, 1)))
+    mosaic = tiles.reshape(8, 8, 9, 9).transpose(0, 2, 1, 3).reshape(72, 72)
+    ax.imshow(mosaic, cmap="gray", interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
 fig.suptitle("64 atoms learned from noisy 8 x 8 patches")
