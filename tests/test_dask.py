@@ -59,8 +59,7 @@ def test_incremental_streams_chunks_through_partial_fit_on_the_cluster(client):
     Y_chunks = da.from_array(Y, chunks=(1000, 8))
     assert Y_chunks.numblocks[0] > 1
     odl = OrthogonalDictionaryLearning(batch_size=100, random_state=0, device="cpu")
-    streamed = Incremental(clone(odl), scoring=lambda est, X, y=None: 0.0,
-                           shuffle_blocks=False)
+    streamed = Incremental(clone(odl), shuffle_blocks=False)
     streamed.fit(Y_chunks)
 
     local = clone(odl)
