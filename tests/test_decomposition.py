@@ -153,16 +153,16 @@ def test_partial_fit_over_chunks_raises_held_out_objective_and_recovers(planted)
     assert dictionary_recovery(odl.components_, D).recovery == 1.0
 
 
-def test_partial_fit_does_not_depend_on_how_the_stream_is_chunked(planted):
+def test_partial_fit_does_not_depend_on_how_the_stream_is_chunked(planted, device):
     Y = planted[0][:960]
     whole = OrthogonalDictionaryLearning(batch_size=32, random_state=0,
-                                         device="cpu").partial_fit(Y)
+                                         device=device).partial_fit(Y)
     chunked = OrthogonalDictionaryLearning(batch_size=32, random_state=0,
-                                           device="cpu")
+                                           device=device)
     for chunk in np.split(Y, [64, 320, 384]):
         chunked.partial_fit(chunk)
-    assert_allclose(chunked.components_, whole.components_, atol=1e-12)
-    assert_allclose(chunked.objective_, whole.objective_, rtol=1e-12)
+    assert_allclose(chunked.components_, whole.components_, atol=1e-10)
+    assert_allclose(chunked.objective_, whole.objective_, rtol=1e-10)
 
 
 def test_partial_fit_keeps_no_sample_sized_state(planted):
@@ -261,10 +261,12 @@ def test_hard_thresholded_codes_keep_exactly_the_large_projections(planted):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_float32_input_keeps_float32_components_and_codes(planted, algorithm):
+def test_float32_input_keeps_float32_components_and_codes(
+    planted, algorithm, device
+):
     Y = planted[0][:500].astype(np.float32)
     odl = OrthogonalDictionaryLearning(algorithm=algorithm, max_iter=3,
-                                       random_state=0, device="cpu").fit(Y)
+                                       random_state=0, device=device).fit(Y)
     assert odl.components_.dtype == np.float32
     assert odl.transform(Y).dtype == np.float32
     assert odl.inverse_transform(odl.transform(Y)).dtype == np.float32
