@@ -1,7 +1,7 @@
 """
-=====================================================
+======================================================
 Denoising an image with an orthogonal patch dictionary
-=====================================================
+======================================================
 
 A grayscale photograph (scikit-learn's bundled ``china.jpg``) is corrupted with
 Gaussian noise. We cut it into overlapping 8 x 8 patches, learn a dictionary of 64

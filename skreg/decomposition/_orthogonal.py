@@ -114,7 +114,7 @@ class OrthogonalDictionaryLearning(
         Samples used so far (the running mean of :meth:`partial_fit` needs it).
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when they are all strings.
 
     See Also
