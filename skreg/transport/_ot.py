@@ -28,9 +28,9 @@ class SparseOTResult:
 
     Arrays are NumPy when the inputs were NumPy and tensors (on the input's
     device) when they were tensors. With a batch dimension every field gains a
-    leading axis ``B``.
+    leading axis ``B``. The fields are the constructor's parameters.
 
-    Attributes
+    Parameters
     ----------
     plan : array of shape (n, m)
         The transport plan; at most ``max_nz`` nonzeros per column.
@@ -69,6 +69,16 @@ class SparseOTResult:
     binding : bool or array
         Whether some column would take more than ``max_nz`` rows at the
         returned potentials, i.e. whether the sparsity constraint is active.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skreg.transport import sparsity_constrained_ot
+    >>> C = np.random.RandomState(0).rand(4, 4)[::-1]
+    >>> res = sparsity_constrained_ot(np.full(4, 0.25), np.full(4, 0.25), C,
+    ...                               max_nz=2, gamma=1.0)
+    >>> bool(res.marginal_error < 1e-9), res.plan_sparse.nnz <= 8
+    (True, True)
     """
 
     plan: Any
@@ -110,6 +120,8 @@ class _OptimalValue(torch.autograd.Function):
 
 
 def _check_masses(name, mass, size, batch, dtype, device):
+    if not isinstance(mass, torch.Tensor):
+        mass = np.ascontiguousarray(mass, dtype=np.float64)
     mass = torch.as_tensor(mass).to(device=device, dtype=dtype).detach()
     if mass.dim() == 1:
         mass = mass.unsqueeze(0).expand(batch, -1)
@@ -153,7 +165,8 @@ def _validate(a, b, C, max_nz, gamma, formulation, max_iter, tol, device):
             torch.float64)
         C_t = C_t.to(device=device, dtype=dtype)
     else:
-        C_np = np.asarray(C)
+        # Reversed or sliced views have strides torch cannot share.
+        C_np = np.ascontiguousarray(C)
         if not np.issubdtype(C_np.dtype, np.number):
             raise TypeError(f"C must be a numeric array, got dtype {C_np.dtype}.")
         dtype = torch.float32 if C_np.dtype == np.float32 else torch.float64
