@@ -10,6 +10,9 @@ import importlib.util
 import sys
 import time
 
+import torch
+from threadpoolctl import threadpool_limits
+
 from skreg import FAMILIES, __version__
 from skreg._device import device_name, resolve_device
 from skreg.utils._demo import format_table
@@ -43,6 +46,12 @@ def _parser():
         help=f"run only this family (repeatable); one of: {', '.join(FAMILIES)}",
     )
     parser.add_argument(
+        "--threads", type=int, default=1, metavar="N",
+        help="CPU threads for torch and BLAS (default: 1; the demo problems are "
+             "small, where extra threads cost more in synchronization than they "
+             "save); 0 keeps the libraries' own defaults",
+    )
+    parser.add_argument(
         "--list", action="store_true",
         help="list the families and whether each is available, then exit",
     )
@@ -62,6 +71,14 @@ def main(argv=None):
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+    if args.threads < 0:
+        print(f"error: --threads must be 0 or more, got {args.threads}.",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
 
     print(f"skreg {__version__} on {device_name(device)}")
     requested = args.family or list(FAMILIES)

@@ -150,7 +150,11 @@ def to_tensor(X, device="cpu", dtype=None):
         target = torch_dtype(X.dtype)
     if isinstance(X, torch.Tensor):
         return X.to(device=device, dtype=target)
-    return torch.as_tensor(np.asarray(X), dtype=target, device=device)
+    X = np.asarray(X)
+    if not X.flags.writeable:
+        # torch cannot share read-only memory (e.g. a memmap); copy it once.
+        X = X.copy()
+    return torch.as_tensor(X, dtype=target, device=device)
 
 
 def to_numpy(tensor):

@@ -105,3 +105,12 @@ def test_numpy_results_pickle_without_torch_objects():
     arr = to_numpy(to_tensor(np.eye(3)))
     assert isinstance(arr, np.ndarray)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(arr)), np.eye(3))
+
+
+def test_read_only_arrays_convert_without_a_warning(recwarn):
+    X = np.arange(6.0).reshape(2, 3)
+    X.setflags(write=False)
+    tensor = to_tensor(X)
+    assert not [w for w in recwarn if "writable" in str(w.message)]
+    tensor[0, 0] = -1.0  # the tensor owns its memory; the input is untouched
+    assert X[0, 0] == 0.0

@@ -42,7 +42,7 @@ def test_help_explains_every_option(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--device", "--quick", "--family", "--list"):
+    for option in ("--device", "--quick", "--family", "--threads", "--list"):
         assert option in out
 
 
@@ -69,3 +69,8 @@ def test_all_estimators_filters_by_kind():
         assert hasattr(cls, "predict")
     for cls in transformers.values():
         assert hasattr(cls, "transform")
+
+
+def test_negative_thread_count_is_one_clear_sentence(capsys):
+    assert main(["--threads", "-1", "--family", "decomposition"]) == 2
+    assert "--threads" in capsys.readouterr().err

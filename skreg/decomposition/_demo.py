@@ -1,30 +1,13 @@
 """Demo section: orthogonal dictionary codes of digits feeding a classifier."""
 
-from contextlib import contextmanager
-
-import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from skreg.decomposition import OrthogonalDictionaryLearning
 from skreg.utils._demo import run_search
-
-
-@contextmanager
-def _single_threaded_cpu():
-    # 64-feature problems gain nothing from intra-op threads, and on a shared
-    # machine the threads wait for each other: 0.6 s became 45 s for one fit.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_demo(device, quick):
@@ -52,8 +35,7 @@ def run_demo(device, quick):
     ])
     search = GridSearchCV(pipe, grid, cv=StratifiedKFold(3, shuffle=True,
                                                          random_state=0))
-    with _single_threaded_cpu():
-        row = run_search("decomposition", "OrthogonalDictionaryLearning",
-                         f"digits ({X.shape[0]} x 64)", search, X, y,
-                         device=device, metric="accuracy")
+    row = run_search("decomposition", "OrthogonalDictionaryLearning",
+                     f"digits ({X.shape[0]} x 64)", search, X, y,
+                     device=device, metric="accuracy")
     return [row]
