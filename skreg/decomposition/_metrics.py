@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_array
 class DictionaryRecovery(NamedTuple):
     """Result of :func:`dictionary_recovery`.
 
-    Attributes
+    Parameters
     ----------
     recovery : float
         Fraction of true atoms matched with ``|cos| > threshold``.
@@ -24,6 +24,17 @@ class DictionaryRecovery(NamedTuple):
         Matched pairs ``(estimated index, true index)``.
     cosines : ndarray of shape (min(k_est, k_true),)
         ``|cos|`` of each matched pair.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skreg.decomposition import dictionary_recovery
+    >>> D = np.eye(3)
+    >>> result = dictionary_recovery(-D[[2, 0, 1]], D)
+    >>> result.recovery, result.l4
+    (1.0, 1.0)
+    >>> result.assignment.tolist()
+    [[0, 2], [1, 0], [2, 1]]
     """
 
     recovery: float
