@@ -1,7 +1,7 @@
 """
-=============================================
+==============================================
 Inpainting a photograph by low-rank completion
-=============================================
+==============================================
 
 A grayscale photograph (scikit-learn's bundled ``flower.jpg``, halved to
 214 x 320) loses 70% of its pixels at random. Seen as a matrix, a natural image

@@ -1,7 +1,7 @@
 """
-=====================================================
+=======================================================
 Orthogonality against accuracy, dense and convolutional
-=====================================================
+=======================================================
 
 Orthogonal layers preserve norms: every singular value of the layer is 1, so
 signals and gradients neither explode nor vanish through them. Soft penalties

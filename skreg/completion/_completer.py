@@ -61,9 +61,9 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         between sweeps.
     solver : {"altmin", "altmin_exact"}, default="altmin"
         ``"altmin"``: each half-step is ``n_cg_steps`` steps of batched
-        preconditioned CG warm-started at the previous factors, O(|Omega| k)
+        preconditioned CG warm-started at the previous factors, O(``|Omega|`` k)
         per step. ``"altmin_exact"``: each half-step solves the ``k x k`` normal
-        equations of every row, O(|Omega| k^2 + (m + n) k^3).
+        equations of every row, O(``|Omega|`` k^2 + (m + n) k^3).
     init : {"svd", "random"}, default="svd"
         ``"svd"``: top-``rank`` SVD of the rescaled observed matrix with
         clipping of heavy rows. ``"random"``: Gaussian factors.
@@ -97,10 +97,10 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         ``center``).
     n_iter_ : int
         Number of sweeps run.
-    reconstruction_err_ : ndarray of shape (n_iter_,)
+    reconstruction_err_ : ndarray of shape (`n_iter_`,)
         Training RMSE on the observed entries after each sweep.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Defined only when ``X`` has feature names that are all strings.
 
     See Also

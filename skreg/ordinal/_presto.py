@@ -156,7 +156,7 @@ class PrestoClassifier(CumulativeLogitMixin):
         Penalized objective at the solution (standardized scale).
     n_features_in_ : int
         Number of features seen in fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen in fit, when they are all strings.
 
     See Also

@@ -48,7 +48,7 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
         Newton steps taken.
     n_features_in_ : int
         Number of features seen in fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen in fit, when they are all strings.
 
     See Also
