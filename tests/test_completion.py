@@ -15,15 +15,6 @@ from skreg.completion._solver import observed_entries, spectral_init
 from skreg.datasets import make_low_rank_matrix_completion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The matrices here are tiny: OpenMP fan-out only adds latency on a busy box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rmse(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2)))
 

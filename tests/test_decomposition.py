@@ -24,16 +24,6 @@ from skreg.decomposition._solver import (
 ALGORITHMS = ["msp", "procrustes", "frank_wolfe"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The problems here are tiny: on a shared machine, intra-op threads only
-    # add synchronisation stalls (measured 80 ms instead of 0.2 ms per step).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def planted():
     return make_orthogonal_sparse_data(4000, 12, sparsity=0.1, random_state=0)
