@@ -95,6 +95,17 @@ def test_semi_dual_optimum_matches_pots_and_plan_is_k_sparse(k, slack):
     assert res.duality_gap >= -1e-9
 
 
+def test_non_binding_k_near_unregularized_converges_to_exact_marginals():
+    # gamma = 0.1 median(C) at n = 200: most columns hold one row, the regime
+    # where the ascent used to stall at 4e-8 on this very problem (issue 3).
+    a, b, C = _problem(n=200, seed=0)
+    res = sparsity_constrained_ot(a, b, C, 10, 0.1 * np.median(C))
+    assert not res.binding
+    assert not res.repaired
+    assert res.readout_marginal_error <= 1e-9
+    assert (np.count_nonzero(res.plan, axis=0) <= 10).all()
+
+
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
     a, b, C = _problem(n=10, seed=4)
     gamma = 2.0

@@ -147,6 +147,22 @@ def _laplacian_diagonal(v, idx, active):
     return torch.zeros_like(v).scatter_add_(1, idx.flatten(1), contrib.flatten(1))
 
 
+def _laplacian_dense(n, idx, active, dtype):
+    """The Laplacian of :func:`_laplacian_matvec` as a dense ``(B, n, n)`` matrix."""
+    weights = active.to(dtype)
+    batch, k, m = idx.shape
+    size = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    pair = (weights.unsqueeze(2) * weights.unsqueeze(1)) / size.unsqueeze(1)
+    flat = (idx.unsqueeze(2) * n + idx.unsqueeze(1)).view(batch, -1)
+    lap = torch.zeros(batch, n * n, dtype=dtype, device=idx.device)
+    lap.scatter_add_(1, flat, -pair.view(batch, -1))
+    lap = lap.view(batch, n, n)
+    lap.diagonal(dim1=1, dim2=2).add_(
+        torch.zeros(batch, n, dtype=dtype, device=idx.device).scatter_add_(
+            1, idx.flatten(1), weights.flatten(1)))
+    return lap
+
+
 def _conjugate_gradient(matvec, rhs, diag, max_iter, rtol):
     """Jacobi-preconditioned CG on a batch of symmetric positive systems."""
     x = torch.zeros_like(rhs)
@@ -255,7 +271,7 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
 
 
 def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience,
-                      skip=None):
+                      skip=None, dense=False):
     """Semismooth Newton (Levenberg-Marquardt damped, Armijo line search).
 
     The generalized Hessian is ``-(1/gamma) L`` with ``L`` the graph Laplacian of
@@ -278,14 +294,25 @@ def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience,
             n_iter -= 1
             break
         active = t > 0
-        rho = (err.unsqueeze(1) / n).clamp(min=1e-14)
-        diag = _laplacian_diagonal(alpha, sel, active) + rho
+        if dense:
+            # An exact solve: CG stalls on these ill-conditioned Laplacians.
+            # The small fixed shift only pins the null directions (the shift
+            # of each connected component, whose right-hand side vanishes
+            # once the supports are right).
+            lap = _laplacian_dense(n, sel, active, alpha.dtype)
+            lap.diagonal(dim1=1, dim2=2).add_(1e-9)
+            factor, _ = torch.linalg.cholesky_ex(lap)
+            direction = torch.cholesky_solve((gamma * grad).unsqueeze(2),
+                                             factor).squeeze(2)
+        else:
+            rho = (err.unsqueeze(1) / n).clamp(min=1e-14)
+            diag = _laplacian_diagonal(alpha, sel, active) + rho
 
-        def matvec(v, sel=sel, active=active, rho=rho):
-            return _laplacian_matvec(v, sel, active) + rho * v
+            def matvec(v, sel=sel, active=active, rho=rho):
+                return _laplacian_matvec(v, sel, active) + rho * v
 
-        direction = _conjugate_gradient(matvec, gamma * grad, diag,
-                                        max_iter=min(4 * n, 500), rtol=1e-3)
+            direction = _conjugate_gradient(matvec, gamma * grad, diag,
+                                            max_iter=min(4 * n, 500), rtol=1e-3)
         slope = (grad * direction).sum(dim=1)
         step = torch.ones_like(value)
         for _ in range(20):
@@ -293,6 +320,11 @@ def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience,
             new_value, new_grad, new_sel, new_t = semi_dual_objective(
                 new_alpha, a, b, C, gamma, k, idx)
             ok = new_value >= value + 1e-4 * step * slope
+            if dense:
+                # Near the optimum the value moves by less than its rounding
+                # while the error still falls: that is progress too.
+                ok = ok | ((new_value >= value - 1e-13 * (1.0 + value.abs()))
+                           & (_marginal_error(new_grad) < 0.9 * err))
             if bool(ok.all()):
                 break
             step = torch.where(ok, step, 0.5 * step)
@@ -327,6 +359,61 @@ def _beta_from_plan(alpha, C, idx, vals, gamma):
     return (resid * active).sum(dim=1) / active.sum(dim=1).clamp(min=1.0)
 
 
+# Stages of the continuation in gamma (multiples of the target gamma).
+_CONTINUATION = (16.0, 4.0, 1.0)
+# Up to this many rows the Newton system is factorized densely (O(n^3) but
+# exact); beyond, Jacobi-preconditioned CG.
+_DENSE_NEWTON_MAX_N = 4000
+
+
+def _ascend(a, b, C, gamma, k, alpha, factors, max_iter, tol, patience,
+            continuation):
+    """L-BFGS over the stages ``gamma * factors``, then the Newton polish.
+
+    With ``continuation`` the L-BFGS stages aim at 1e-4 and the Newton system
+    is solved exactly (dense Cholesky, up to ``_DENSE_NEWTON_MAX_N`` rows);
+    without, L-BFGS aims at 1e-3 and Newton uses CG with
+    Levenberg-Marquardt damping. Returns ``(alpha, n_iter)``.
+    """
+    # L-BFGS brings every row into some column's support; Newton then needs
+    # few steps. The Hessian is about L / gamma with L a Laplacian of O(1)
+    # entries, while gradient entries are of the order of the masses: a first
+    # step of gamma * n * grad moves the potentials on the scale of the costs.
+    # At small gamma most columns hold one row and L-BFGS crawls; solving at
+    # 16 gamma and 4 gamma first (smoother, larger supports) and warm-starting
+    # makes the last stage short.
+    switch = max(tol, 1e-3)
+    target = max(tol, 1e-4) if continuation else switch
+    it_lbfgs = 0
+    for factor in factors:
+        stage_gamma = gamma * factor
+
+        def fun(x, stage_gamma=stage_gamma):
+            value, grad, _, _ = semi_dual_objective(x, a, b, C, stage_gamma, k)
+            return value, grad
+
+        # An intermediate stage only prepares the next: half the budget at
+        # most.
+        budget = max_iter - it_lbfgs if factor == 1.0 else max_iter // 2
+        alpha, used = _lbfgs(fun, alpha, max(budget, 1), target,
+                             stage_gamma * a.shape[1], patience=patience)
+        it_lbfgs += used
+        if continuation and factor > 1.0 and bool(
+                (_marginal_error(fun(alpha)[1]) > 10 * switch).all()):
+            # Far from the marginals at a larger gamma: k binds there (and
+            # most likely at gamma too), so the direct ascent takes over.
+            return alpha, it_lbfgs
+    # Newton only pays where L-BFGS got close; a problem that stalled above
+    # the switch point sits on a kink where the Newton model is wrong.
+    _, grad, _, _ = semi_dual_objective(alpha, a, b, C, gamma, k)
+    dense = continuation and a.shape[1] <= _DENSE_NEWTON_MAX_N
+    alpha, it_newton, _ = _newton_semi_dual(
+        alpha, a, b, C, gamma, k, None, max_iter // 10 + 10, tol,
+        patience=10 if dense else 5, skip=_marginal_error(grad) > switch,
+        dense=dense)
+    return alpha, it_lbfgs + it_newton
+
+
 def solve_semi_dual(a, b, C, gamma, k, *, alpha0=None, max_iter=1000, tol=1e-10,
                     patience=10):
     """Maximize the sparsity-constrained semi-dual: L-BFGS then Newton polish.
@@ -348,35 +435,33 @@ def solve_semi_dual(a, b, C, gamma, k, *, alpha0=None, max_iter=1000, tol=1e-10,
     -------
     SolverResult
     """
-    if alpha0 is None:
+    if alpha0 is not None:
+        alpha, n_iter = _ascend(a, b, C, gamma, k, alpha0.clone(), (1.0,),
+                                max_iter, tol, patience, continuation=False)
+    else:
         # Each row starts level with its nearest column (a c-transform of
         # beta = 0), so every row is near the top of some column from step one.
-        alpha = C.amin(dim=2)
-    else:
-        alpha = alpha0.clone()
-
-    def fun(x):
-        value, grad, _, _ = semi_dual_objective(x, a, b, C, gamma, k)
-        return value, grad
-
-    # L-BFGS brings every row into some column's support; Newton then needs
-    # few steps. Its target is loose because Newton finishes the job.
-    # The Hessian is about L / gamma with L a Laplacian of O(1) entries, while
-    # gradient entries are of the order of the masses: a first step of
-    # gamma * n * grad moves the potentials on the scale of the costs.
-    scale = gamma * a.shape[1]
-    switch = max(tol, 1e-3)
-    alpha, it_lbfgs = _lbfgs(fun, alpha, max_iter, switch, scale, patience=patience)
-    # Newton only pays where L-BFGS reached the switch point; a problem that
-    # stalled above it sits on a kink where the Newton model is wrong.
-    _, grad, _, _ = semi_dual_objective(alpha, a, b, C, gamma, k)
-    alpha, it_newton, _ = _newton_semi_dual(
-        alpha, a, b, C, gamma, k, None, max_iter // 10 + 10, tol, patience=5,
-        skip=_marginal_error(grad) > switch)
+        start = C.amin(dim=2)
+        alpha, n_iter = _ascend(a, b, C, gamma, k, start, _CONTINUATION, max_iter,
+                                tol, patience, continuation=True)
+        _, grad, _, _ = semi_dual_objective(alpha, a, b, C, gamma, k)
+        missed = _marginal_error(grad) > max(tol, 1e-3)
+        if bool(missed.any()):
+            # Where k binds, the continuation can stall on another kink than
+            # the direct ascent, one whose supports admit no feasible plan:
+            # there, also run the direct ascent and keep the smaller read-out
+            # error.
+            direct, it_direct = _ascend(a, b, C, gamma, k, start, (1.0,),
+                                        max_iter, tol, patience,
+                                        continuation=False)
+            _, grad_d, _, _ = semi_dual_objective(direct, a, b, C, gamma, k)
+            use = missed & (_marginal_error(grad_d) < _marginal_error(grad))
+            alpha = torch.where(use.unsqueeze(1), direct, alpha)
+            n_iter = n_iter + it_direct
     value, grad, idx, t = semi_dual_objective(alpha, a, b, C, gamma, k)
     vals = t * b.unsqueeze(1)
     beta = _beta_from_plan(alpha, C, idx, vals, gamma)
-    n_iter = torch.full_like(value, it_lbfgs + it_newton, dtype=torch.long)
+    n_iter = torch.full_like(value, n_iter, dtype=torch.long)
     return SolverResult(alpha, beta, idx, vals, value, n_iter,
                         _marginal_error(grad) <= tol)
 
