@@ -12,6 +12,7 @@ Transport", ICLR 2023, with POT's scaling: ``gamma`` multiplies the quadratic te
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -42,20 +43,27 @@ class SolverResult:
     converged: torch.Tensor
 
 
+def _project_sorted(v, dim):
+    """Simplex projection along ``dim`` of a decreasingly sorted ``v``, and tau."""
+    k = v.shape[dim]
+    cumsum = v.cumsum(dim=dim)
+    shape = [1] * v.dim()
+    shape[dim] = k
+    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device).view(shape)
+    # For sorted v the condition holds on a prefix; its length is the support size.
+    support = (v - (cumsum - 1.0) / ranks) > 0
+    size = support.sum(dim=dim, keepdim=True).clamp(min=1)
+    tau = (cumsum.gather(dim, size - 1) - 1.0) / size.to(v.dtype)
+    return (v - tau).clamp(min=0.0), tau
+
+
 def project_simplex_sorted(v):
     """Euclidean projection of each column of ``v`` onto the probability simplex.
 
     ``v`` (``(B, k, m)``) must be sorted in decreasing order along dimension 1,
     as :func:`torch.topk` returns it. Returns the projection (same shape).
     """
-    k = v.shape[1]
-    cumsum = v.cumsum(dim=1)
-    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device).view(1, k, 1)
-    # For sorted v the condition holds on a prefix; its length is the support size.
-    support = (v - (cumsum - 1.0) / ranks) > 0
-    size = support.sum(dim=1, keepdim=True).clamp(min=1)
-    tau = (cumsum.gather(1, size - 1) - 1.0) / size.to(v.dtype)
-    return (v - tau).clamp(min=0.0)
+    return _project_sorted(v, 1)[0]
 
 
 def _select(scores, k, idx):
@@ -93,8 +101,14 @@ def semi_dual_objective(alpha, a, b, C, gamma, k, idx=None):
     """
     # A massless column receives nothing; any positive scale keeps it finite.
     scale = gamma * torch.where(b > 0, b, torch.ones_like(b)).unsqueeze(1)
-    scores = (alpha.unsqueeze(2) - C) / scale
-    picked, idx = _select(scores, k, idx)
+    if idx is None:
+        picked, idx = ((alpha.unsqueeze(2) - C) / scale).topk(k, dim=1)
+    else:
+        # Only the given entries: O(k m), never a pass over C.
+        scores = (alpha.gather(1, idx.flatten(1)).view_as(idx)
+                  - C.gather(1, idx)) / scale
+        picked, order = scores.sort(dim=1, descending=True)
+        idx = idx.gather(1, order)
     t = project_simplex_sorted(picked)
     inner = (picked * t).sum(dim=1) - 0.5 * (t * t).sum(dim=1)
     value = (alpha * a).sum(dim=1) - (gamma * b * b * inner).sum(dim=1)
@@ -123,6 +137,93 @@ def dual_objective(alpha, beta, a, b, C, gamma, k, idx=None):
              - 0.5 * gamma * (vals * vals).sum(dim=(1, 2)))
     rows = torch.zeros_like(alpha).scatter_add_(1, idx.flatten(1), vals.flatten(1))
     return value, a - rows, b - vals.sum(dim=1), idx, vals
+
+
+class _WorkingSet:
+    """Exact semi-dual evaluations that touch only a few candidate rows per column.
+
+    A full evaluation costs ``O(n m)`` (a top-k over every column). Near the
+    maximum each column's plan lives on a few rows, so this keeps, per column,
+    the ``size`` rows with the largest ``alpha_i - C_ij`` at the last refresh
+    and evaluates on them alone, in ``O(size m)``. The result is certified
+    exact: a row outside the list cannot have gained more than
+    ``max_i(alpha_i - alpha_ref_i)`` since the refresh, so while that bound
+    keeps it below both the column's projection threshold and its ``k``-th
+    candidate it can neither enter the top-k nor receive mass. Columns whose
+    certificate fails are refreshed (a top-``size + 1`` over their ``n`` rows)
+    before the evaluation is returned, so every returned value is the full
+    objective up to the tie-breaking of :func:`torch.topk`.
+
+    ``C`` is stored transposed, ``(B, m, n)``, so the top-k runs along the
+    contiguous axis (4-6x faster on the CPU at ``n = 3000``).
+    """
+
+    def __init__(self, a, b, C, size):
+        self.a, self.b = a, b
+        self.CT = C.transpose(1, 2).contiguous()
+        batch, m, n = self.CT.shape
+        self.size = min(size, n)
+        self.n_refresh = 0
+        self.alpha_ref = None
+        if self.size == n:
+            # Every row is a candidate: nothing to certify or refresh.
+            self.cidx = torch.arange(n, device=C.device).expand(batch, m, n)
+            self.cC = self.CT
+            self.out = torch.full((batch, m), -torch.inf, dtype=C.dtype,
+                                  device=C.device)
+
+    def _refresh(self, alpha, cols=None):
+        self.n_refresh += 1
+        if cols is None or self.alpha_ref is None:
+            top = (alpha.unsqueeze(1) - self.CT).topk(self.size + 1, dim=2)
+            self.cidx = top.indices[..., :-1].contiguous()
+            self.cC = self.CT.gather(2, self.cidx)
+            self.out = top.values[..., -1].contiguous()
+            self.alpha_ref = alpha.clone()
+            return
+        bi, cj = cols.nonzero(as_tuple=True)
+        costs = self.CT[bi, cj]
+        top = (alpha[bi] - costs).topk(self.size + 1, dim=1)
+        rows = top.indices[:, :-1]
+        self.cidx[bi, cj] = rows
+        self.cC[bi, cj] = costs.gather(1, rows)
+        # Stored against alpha_ref: a bound at alpha_ref + d holds with
+        # max(d) once the drift of this refresh point is subtracted.
+        drift = (alpha - self.alpha_ref).amin(dim=1)
+        self.out[bi, cj] = top.values[:, -1] - drift[bi]
+
+    def __call__(self, alpha, gamma, k):
+        """``semi_dual_objective(alpha, a, b, C, gamma, k)``, from the working set."""
+        if self.alpha_ref is None and self.size < self.CT.shape[2]:
+            self._refresh(alpha)
+        b = self.b
+        scale = gamma * torch.where(b > 0, b, torch.ones_like(b))
+        for attempt in range(3):
+            raw = (alpha.gather(1, self.cidx.flatten(1)).view_as(self.cC)
+                   - self.cC)
+            picked, pos = (raw / scale.unsqueeze(2)).topk(k, dim=2)
+            t, tau = _project_sorted(picked, 2)
+            # After a full refresh the bound is exact (the best outsider is
+            # at most the last candidate): no third check is needed.
+            if self.alpha_ref is None or attempt == 2:
+                break
+            drift = (alpha - self.alpha_ref).amax(dim=1, keepdim=True)
+            bound = (self.out + drift) / scale
+            fail = bound > torch.maximum(tau[..., 0], picked[..., -1])
+            if not bool(fail.any()):
+                break
+            # Refresh the failing columns alone while they are few; the last
+            # attempt refreshes everything (then the bound is exact).
+            few = attempt == 0 and float(fail.to(alpha.dtype).mean()) < 0.25
+            self._refresh(alpha, fail if few else None)
+        idx = self.cidx.gather(2, pos).transpose(1, 2)
+        t = t.transpose(1, 2)
+        picked = picked.transpose(1, 2)
+        inner = (picked * t).sum(dim=1) - 0.5 * (t * t).sum(dim=1)
+        value = (alpha * self.a).sum(dim=1) - (gamma * b * b * inner).sum(dim=1)
+        rows = torch.zeros_like(alpha).scatter_add_(
+            1, idx.flatten(1), (t * b.unsqueeze(1)).flatten(1))
+        return value, self.a - rows, idx, t
 
 
 def _laplacian_matvec(v, idx, active):
@@ -270,17 +371,80 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
     return x, n_iter
 
 
-def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience,
-                      skip=None, dense=False):
+# On a GPU, up to this many rows the Newton system is factorized densely
+# (cheap there); beyond, conjugate gradients. On the CPU it is always a sparse
+# LU factorization (SciPy's SuperLU) of the bipartite support graph.
+_DENSE_NEWTON_MAX_N = 16384
+
+
+def _sparse_solve(rhs, idx, active, shift):
+    """``(L + shift I) d = rhs`` per problem through the bipartite support graph.
+
+    ``L = D_r - S D_c^{-1} S^T`` is the Schur complement of the Laplacian
+    ``[[D_r, -S], [-S^T, D_c]]`` of the graph joining row ``i`` and column
+    ``j`` whenever ``P_ij > 0``; that matrix has ``n + m + 2 nnz(P)`` entries,
+    so its LU factors stay sparse where ``L`` itself (a clique per column)
+    would not.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import spsolve
+
+    batch, n = rhs.shape
+    k, m = idx.shape[1:]
+    idx_np = idx.cpu().numpy()
+    act_np = active.cpu().numpy()
+    rhs_np = rhs.detach().cpu().double().numpy()
+    shift_np = shift.detach().cpu().double().numpy().reshape(batch)
+    grid = np.broadcast_to(np.arange(m), (k, m))
+    out = np.empty((batch, n))
+    for i in range(batch):
+        rows, cols = idx_np[i][act_np[i]], grid[act_np[i]] + n
+        diag = np.concatenate([np.bincount(rows, minlength=n) + shift_np[i],
+                               np.bincount(cols - n, minlength=m)])
+        ones = np.ones(rows.size)
+        matrix = sp.csc_array(
+            (np.concatenate([diag, -ones, -ones]),
+             (np.concatenate([np.arange(n + m), rows, cols]),
+              np.concatenate([np.arange(n + m), cols, rows]))),
+            shape=(n + m, n + m))
+        out[i] = spsolve(matrix, np.concatenate([rhs_np[i], np.zeros(m)]),
+                         permc_spec="MMD_AT_PLUS_A")[:n]
+    return torch.from_numpy(out).to(dtype=rhs.dtype)
+
+
+def _newton_direction(rhs, idx, active, shift):
+    """Solve ``(L + shift I) d = rhs`` with ``L`` the support Laplacian."""
+    n = rhs.shape[1]
+    if rhs.device.type == "cpu":
+        return _sparse_solve(rhs, idx, active, shift)
+    if n <= _DENSE_NEWTON_MAX_N:
+        lap = _laplacian_dense(n, idx, active, rhs.dtype)
+        lap.diagonal(dim1=1, dim2=2).add_(shift)
+        factor, _ = torch.linalg.cholesky_ex(lap)
+        return torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2)
+    diag = _laplacian_diagonal(rhs, idx, active) + shift
+
+    def matvec(v):
+        return _laplacian_matvec(v, idx, active) + shift * v
+
+    return _conjugate_gradient(matvec, rhs, diag, max_iter=min(4 * n, 500),
+                               rtol=1e-3)
+
+
+def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
+                      skip=None):
     """Semismooth Newton (Levenberg-Marquardt damped, Armijo line search).
 
-    The generalized Hessian is ``-(1/gamma) L`` with ``L`` the graph Laplacian of
-    :func:`_laplacian_matvec`; the damping ``rho = ||grad||_1`` makes the system
-    positive definite far from the solution and vanishes near it, which keeps the
-    fast local rate. Returns ``(alpha, n_iter, best_err)``, keeping the iterate
-    with the smallest marginal error (the stall test compares against it).
+    ``evaluate(alpha)`` returns ``(value, grad, idx, t)`` as
+    :func:`semi_dual_objective`. The generalized Hessian is ``-(1/gamma) L``
+    with ``L`` the graph Laplacian of :func:`_laplacian_matvec`; the shift
+    ``max(||grad||_1 / n, 1e-9)`` makes the system positive definite far from
+    the solution and pins only the null directions (the shift of each
+    connected component, whose right-hand side vanishes once the supports
+    are right) near it. Returns ``(alpha, n_iter, best_err)``, keeping the
+    iterate with the smallest marginal error.
     """
-    value, grad, sel, t = semi_dual_objective(alpha, a, b, C, gamma, k, idx)
+    value, grad, sel, t = evaluate(alpha)
     err = _marginal_error(grad)
     best_alpha, best_err = alpha, err
     since_best = torch.zeros_like(err, dtype=torch.long)
@@ -293,38 +457,18 @@ def _newton_semi_dual(alpha, a, b, C, gamma, k, idx, max_iter, tol, patience,
         if bool(finished.all()):
             n_iter -= 1
             break
-        active = t > 0
-        if dense:
-            # An exact solve: CG stalls on these ill-conditioned Laplacians.
-            # The small fixed shift only pins the null directions (the shift
-            # of each connected component, whose right-hand side vanishes
-            # once the supports are right).
-            lap = _laplacian_dense(n, sel, active, alpha.dtype)
-            lap.diagonal(dim1=1, dim2=2).add_(1e-9)
-            factor, _ = torch.linalg.cholesky_ex(lap)
-            direction = torch.cholesky_solve((gamma * grad).unsqueeze(2),
-                                             factor).squeeze(2)
-        else:
-            rho = (err.unsqueeze(1) / n).clamp(min=1e-14)
-            diag = _laplacian_diagonal(alpha, sel, active) + rho
-
-            def matvec(v, sel=sel, active=active, rho=rho):
-                return _laplacian_matvec(v, sel, active) + rho * v
-
-            direction = _conjugate_gradient(matvec, gamma * grad, diag,
-                                            max_iter=min(4 * n, 500), rtol=1e-3)
+        shift = (err / n).clamp(min=1e-9).unsqueeze(1)
+        direction = _newton_direction(gamma * grad, sel, t > 0, shift)
         slope = (grad * direction).sum(dim=1)
         step = torch.ones_like(value)
         for _ in range(20):
             new_alpha = alpha + step.unsqueeze(1) * direction
-            new_value, new_grad, new_sel, new_t = semi_dual_objective(
-                new_alpha, a, b, C, gamma, k, idx)
+            new_value, new_grad, new_sel, new_t = evaluate(new_alpha)
             ok = new_value >= value + 1e-4 * step * slope
-            if dense:
-                # Near the optimum the value moves by less than its rounding
-                # while the error still falls: that is progress too.
-                ok = ok | ((new_value >= value - 1e-13 * (1.0 + value.abs()))
-                           & (_marginal_error(new_grad) < 0.9 * err))
+            # Near the optimum the value moves by less than its rounding
+            # while the error still falls: that is progress too.
+            ok = ok | ((new_value >= value - 1e-13 * (1.0 + value.abs()))
+                       & (_marginal_error(new_grad) < 0.9 * err))
             if bool(ok.all()):
                 break
             step = torch.where(ok, step, 0.5 * step)
@@ -359,73 +503,44 @@ def _beta_from_plan(alpha, C, idx, vals, gamma):
     return (resid * active).sum(dim=1) / active.sum(dim=1).clamp(min=1.0)
 
 
-# Stages of the continuation in gamma (multiples of the target gamma).
-_CONTINUATION = (16.0, 4.0, 1.0)
-# Up to this many rows the Newton system is factorized densely (O(n^3) but
-# exact); beyond, Jacobi-preconditioned CG.
-_DENSE_NEWTON_MAX_N = 4000
+# Continuation in gamma: from gamma_0 = 0.1 median(C) / mean(b) (smooth: the
+# plan spreads over tens of rows per column) down to gamma, dividing by this.
+_STAGE_FACTOR = 4.0
+# Marginal error at which an intermediate stage hands over to the next.
+_STAGE_TOL = 1e-3
 
 
-def _ascend(a, b, C, gamma, k, alpha, factors, max_iter, tol, patience,
-            continuation):
-    """L-BFGS over the stages ``gamma * factors``, then the Newton polish.
-
-    With ``continuation`` the L-BFGS stages aim at 1e-4 and the Newton system
-    is solved exactly (dense Cholesky, up to ``_DENSE_NEWTON_MAX_N`` rows);
-    without, L-BFGS aims at 1e-3 and Newton uses CG with
-    Levenberg-Marquardt damping. Returns ``(alpha, n_iter)``.
-    """
-    # L-BFGS brings every row into some column's support; Newton then needs
-    # few steps. The Hessian is about L / gamma with L a Laplacian of O(1)
-    # entries, while gradient entries are of the order of the masses: a first
-    # step of gamma * n * grad moves the potentials on the scale of the costs.
-    # At small gamma most columns hold one row and L-BFGS crawls; solving at
-    # 16 gamma and 4 gamma first (smoother, larger supports) and warm-starting
-    # makes the last stage short.
-    switch = max(tol, 1e-3)
-    target = max(tol, 1e-4) if continuation else switch
-    it_lbfgs = 0
-    for factor in factors:
-        stage_gamma = gamma * factor
-
-        def fun(x, stage_gamma=stage_gamma):
-            value, grad, _, _ = semi_dual_objective(x, a, b, C, stage_gamma, k)
-            return value, grad
-
-        # An intermediate stage only prepares the next: half the budget at
-        # most.
-        budget = max_iter - it_lbfgs if factor == 1.0 else max_iter // 2
-        alpha, used = _lbfgs(fun, alpha, max(budget, 1), target,
-                             stage_gamma * a.shape[1], patience=patience)
-        it_lbfgs += used
-        if continuation and factor > 1.0 and bool(
-                (_marginal_error(fun(alpha)[1]) > 10 * switch).all()):
-            # Far from the marginals at a larger gamma: k binds there (and
-            # most likely at gamma too), so the direct ascent takes over.
-            return alpha, it_lbfgs
-    # Newton only pays where L-BFGS got close; a problem that stalled above
-    # the switch point sits on a kink where the Newton model is wrong.
-    _, grad, _, _ = semi_dual_objective(alpha, a, b, C, gamma, k)
-    dense = continuation and a.shape[1] <= _DENSE_NEWTON_MAX_N
-    alpha, it_newton, _ = _newton_semi_dual(
-        alpha, a, b, C, gamma, k, None, max_iter // 10 + 10, tol,
-        patience=10 if dense else 5, skip=_marginal_error(grad) > switch,
-        dense=dense)
-    return alpha, it_lbfgs + it_newton
+def _working_set_size(k):
+    """Candidate rows per column kept by :class:`_WorkingSet` for a given k."""
+    return max(2 * k, k + 16)
 
 
-def solve_semi_dual(a, b, C, gamma, k, *, alpha0=None, max_iter=1000, tol=1e-10,
-                    patience=10):
-    """Maximize the sparsity-constrained semi-dual: L-BFGS then Newton polish.
+def _gamma_path(b, C, gamma):
+    """The continuation stages, decreasing and ending at ``gamma``."""
+    flat = C.flatten()
+    sample = flat[::max(1, flat.numel() // 100_000)]
+    start = 0.1 * float(sample.median()) / float(b.mean())
+    stages = [gamma]
+    while stages[-1] * _STAGE_FACTOR < start:
+        stages.append(stages[-1] * _STAGE_FACTOR)
+    return stages[::-1]
+
+
+def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
+    """Maximize the sparsity-constrained semi-dual.
+
+    L-BFGS along a continuation in ``gamma`` (:func:`_gamma_path`), the stages
+    above ``gamma`` with a slack ``k`` (the working-set size: those problems
+    only prepare the next), then a semismooth Newton polish at ``gamma``.
+    Every evaluation goes through a :class:`_WorkingSet`.
 
     Parameters
     ----------
     a, b, C, gamma, k
         As in :func:`semi_dual_objective`.
-    alpha0 : Tensor of shape (B, n), default=None
-        Warm start (zeros by default).
     max_iter : int
-        Budget of L-BFGS iterations; the Newton polish gets ``max_iter // 10 + 10``.
+        L-BFGS iterations per stage; the Newton polish gets
+        ``max_iter // 10 + 10``.
     tol : float
         Target marginal L1 error ``||a - P 1||_1``.
     patience : int
@@ -435,33 +550,38 @@ def solve_semi_dual(a, b, C, gamma, k, *, alpha0=None, max_iter=1000, tol=1e-10,
     -------
     SolverResult
     """
-    if alpha0 is not None:
-        alpha, n_iter = _ascend(a, b, C, gamma, k, alpha0.clone(), (1.0,),
-                                max_iter, tol, patience, continuation=False)
-    else:
-        # Each row starts level with its nearest column (a c-transform of
-        # beta = 0), so every row is near the top of some column from step one.
-        start = C.amin(dim=2)
-        alpha, n_iter = _ascend(a, b, C, gamma, k, start, _CONTINUATION, max_iter,
-                                tol, patience, continuation=True)
-        _, grad, _, _ = semi_dual_objective(alpha, a, b, C, gamma, k)
-        missed = _marginal_error(grad) > max(tol, 1e-3)
-        if bool(missed.any()):
-            # Where k binds, the continuation can stall on another kink than
-            # the direct ascent, one whose supports admit no feasible plan:
-            # there, also run the direct ascent and keep the smaller read-out
-            # error.
-            direct, it_direct = _ascend(a, b, C, gamma, k, start, (1.0,),
-                                        max_iter, tol, patience,
-                                        continuation=False)
-            _, grad_d, _, _ = semi_dual_objective(direct, a, b, C, gamma, k)
-            use = missed & (_marginal_error(grad_d) < _marginal_error(grad))
-            alpha = torch.where(use.unsqueeze(1), direct, alpha)
-            n_iter = n_iter + it_direct
-    value, grad, idx, t = semi_dual_objective(alpha, a, b, C, gamma, k)
+    n = C.shape[1]
+    work = _WorkingSet(a, b, C, _working_set_size(k))
+    # Each row starts level with its nearest column (a c-transform of
+    # beta = 0), so every row is near the top of some column from step one.
+    alpha = work.CT.amin(dim=1)
+    switch = max(tol, 1e-3)
+    n_iter = 0
+    stages = _gamma_path(b, C, gamma)
+    for stage, stage_gamma in enumerate(stages):
+        stage_k = k if stage == len(stages) - 1 else work.size
+
+        def fun(x, stage_gamma=stage_gamma, stage_k=stage_k):
+            return work(x, stage_gamma, stage_k)[:2]
+
+        # The first step, stage_gamma * n * grad, moves the potentials on the
+        # scale of the costs: the Hessian is about L / gamma with L a
+        # Laplacian of O(1) entries, gradient entries of the order of masses.
+        last = stage == len(stages) - 1
+        alpha, used = _lbfgs(fun, alpha, max_iter,
+                             max(tol, 1e-4 if last else _STAGE_TOL),
+                             stage_gamma * n, patience=patience)
+        n_iter += used
+    _, grad, _, _ = work(alpha, gamma, k)
+    # Newton only pays where L-BFGS got close; a problem that stalled above
+    # the switch point sits on a kink where the Newton model is wrong.
+    alpha, it_newton, _ = _newton_semi_dual(
+        lambda x: work(x, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
+        patience=10, skip=_marginal_error(grad) > switch)
+    value, grad, idx, t = work(alpha, gamma, k)
     vals = t * b.unsqueeze(1)
     beta = _beta_from_plan(alpha, C, idx, vals, gamma)
-    n_iter = torch.full_like(value, n_iter, dtype=torch.long)
+    n_iter = torch.full_like(value, n_iter + it_newton, dtype=torch.long)
     return SolverResult(alpha, beta, idx, vals, value, n_iter,
                         _marginal_error(grad) <= tol)
 
@@ -511,8 +631,11 @@ def solve_on_support(a, b, C, gamma, idx, alpha0, *, max_iter=200, tol=1e-10):
     n_iter : int
     """
     k = idx.shape[1]
-    alpha, n_iter, _ = _newton_semi_dual(alpha0, a, b, C, gamma, k, idx, max_iter,
-                                         tol, patience=10)
-    _, grad, idx_out, t = semi_dual_objective(alpha, a, b, C, gamma, k, idx)
-    return alpha, t * b.unsqueeze(1), idx_out, _marginal_error(grad), n_iter
 
+    def evaluate(x):
+        return semi_dual_objective(x, a, b, C, gamma, k, idx)
+
+    alpha, n_iter, _ = _newton_semi_dual(evaluate, alpha0, gamma, max_iter, tol,
+                                         patience=10)
+    _, grad, idx_out, t = evaluate(alpha)
+    return alpha, t * b.unsqueeze(1), idx_out, _marginal_error(grad), n_iter
