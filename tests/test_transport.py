@@ -20,7 +20,12 @@ from skreg.transport import (
     SparseOTTransport,
     sparsity_constrained_ot,
 )
-from skreg.transport._solver import dual_objective, semi_dual_objective
+from skreg.transport._solver import (
+    _working_set_size,
+    _WorkingSet,
+    dual_objective,
+    semi_dual_objective,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,6 +109,37 @@ def test_non_binding_k_near_unregularized_converges_to_exact_marginals():
     assert not res.repaired
     assert res.readout_marginal_error <= 1e-9
     assert (np.count_nonzero(res.plan, axis=0) <= 10).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_working_set_evaluations_equal_the_full_objective_along_a_path(k):
+    # The working set keeps 2k or k + 16 rows per column (of 60 here) and
+    # certifies that no other row could enter; along a random path with
+    # large and small moves every evaluation must equal the full one, and the
+    # moves must have forced refreshes (or the check would prove nothing).
+    a, b, C = _problem(n=60, seed=3)
+    a_t, b_t, C_t = _t(a), _t(b), _t(C)
+    work = _WorkingSet(a_t, b_t, C_t, _working_set_size(k))
+    assert work.size < 60
+    rng = np.random.RandomState(4)
+    alpha = C_t.amin(dim=2)
+    refreshes = []
+    for step in range(40):
+        alpha = alpha + _t(rng.randn(60)) * (0.5 if step % 5 == 0 else 0.01)
+        value, grad, idx, t = work(alpha, 0.05, k)
+        full = semi_dual_objective(alpha, a_t, b_t, C_t, 0.05, k)
+        assert torch.allclose(value, full[0], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(grad, full[1], rtol=1e-12, atol=1e-12)
+        refreshes.append(work.n_refresh)
+    assert refreshes[-1] > refreshes[0]
+    # A floor above the working-set value skips the refresh and returns an
+    # upper bound of the exact value.
+    far = alpha + _t(rng.randn(60)) * 2.0
+    before = work.n_refresh
+    bound = work(far, 0.05, k, floor=torch.full((1,), np.inf))[0]
+    exact = semi_dual_objective(far, a_t, b_t, C_t, 0.05, k)[0]
+    assert work.n_refresh == before
+    assert float(bound) >= float(exact) - 1e-12
 
 
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():

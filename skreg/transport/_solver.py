@@ -192,8 +192,14 @@ class _WorkingSet:
         drift = (alpha - self.alpha_ref).amin(dim=1)
         self.out[bi, cj] = top.values[:, -1] - drift[bi]
 
-    def __call__(self, alpha, gamma, k):
-        """``semi_dual_objective(alpha, a, b, C, gamma, k)``, from the working set."""
+    def __call__(self, alpha, gamma, k, floor=None):
+        """``semi_dual_objective(alpha, a, b, C, gamma, k)``, from the working set.
+
+        With ``floor`` (``(B,)``), a problem whose working-set value is below
+        it is not refreshed: restricting the rows can only raise the value,
+        so the exact value is below ``floor`` too, and a line search that
+        asks for at least ``floor`` rejects the point either way.
+        """
         if self.alpha_ref is None and self.size < self.CT.shape[2]:
             self._refresh(alpha)
         b = self.b
@@ -203,6 +209,9 @@ class _WorkingSet:
                    - self.cC)
             picked, pos = (raw / scale.unsqueeze(2)).topk(k, dim=2)
             t, tau = _project_sorted(picked, 2)
+            inner = (picked * t).sum(dim=2) - 0.5 * (t * t).sum(dim=2)
+            value = ((alpha * self.a).sum(dim=1)
+                     - (gamma * b * b * inner).sum(dim=1))
             # After a full refresh the bound is exact (the best outsider is
             # at most the last candidate): no third check is needed.
             if self.alpha_ref is None or attempt == 2:
@@ -210,6 +219,8 @@ class _WorkingSet:
             drift = (alpha - self.alpha_ref).amax(dim=1, keepdim=True)
             bound = (self.out + drift) / scale
             fail = bound > torch.maximum(tau[..., 0], picked[..., -1])
+            if floor is not None:
+                fail = fail & (value >= floor).unsqueeze(1)
             if not bool(fail.any()):
                 break
             # Refresh the failing columns alone while they are few; the last
@@ -218,9 +229,6 @@ class _WorkingSet:
             self._refresh(alpha, fail if few else None)
         idx = self.cidx.gather(2, pos).transpose(1, 2)
         t = t.transpose(1, 2)
-        picked = picked.transpose(1, 2)
-        inner = (picked * t).sum(dim=1) - 0.5 * (t * t).sum(dim=1)
-        value = (alpha * self.a).sum(dim=1) - (gamma * b * b * inner).sum(dim=1)
         rows = torch.zeros_like(alpha).scatter_add_(
             1, idx.flatten(1), (t * b.unsqueeze(1)).flatten(1))
         return value, self.a - rows, idx, t
@@ -294,14 +302,18 @@ def _marginal_error(grad):
 
 
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
-    """Batched L-BFGS maximization of a concave ``fun(x) -> (value, grad)``.
+    """Batched L-BFGS maximization of a concave ``fun(x, floor) -> (value, grad)``.
+
+    ``floor`` is ``None`` or the value a line-search trial must reach to be
+    accepted; ``fun`` may return an upper bound instead of the exact value
+    (and any gradient) where that bound is below it.
 
     ``scale`` sets the first step, ``scale * grad``, and the restarts.
     Stops on ``||grad||_1 <= tol`` or a stall: the value rose by less than
     ``1e-12 (1 + |value|)`` over the last ``patience`` iterations. Returns
     ``(x, n_iter)``.
     """
-    value, grad = fun(x)
+    value, grad = fun(x, None)
     s_hist, y_hist = [], []
     history = []
     done = _marginal_error(grad) <= tol
@@ -336,8 +348,9 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
         step = torch.ones_like(slope)
         for _ in range(30):
             new_x = x + step * direction
-            new_value, new_grad = fun(new_x)
-            ok = (new_value.unsqueeze(1) >= value.unsqueeze(1) + 1e-4 * step * slope)
+            floor = value.unsqueeze(1) + 1e-4 * step * slope
+            new_value, new_grad = fun(new_x, floor.squeeze(1))
+            ok = new_value.unsqueeze(1) >= floor
             if bool(ok.all()):
                 break
             step = torch.where(ok, step, 0.5 * step)
@@ -557,12 +570,16 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     alpha = work.CT.amin(dim=1)
     switch = max(tol, 1e-3)
     n_iter = 0
-    stages = _gamma_path(b, C, gamma)
-    for stage, stage_gamma in enumerate(stages):
-        stage_k = k if stage == len(stages) - 1 else work.size
+    # Every stage of the path runs with the slack k (the last one at gamma
+    # itself), then a final stage with k: where k binds, it starts from the
+    # unconstrained optimum instead of a cold start.
+    path = _gamma_path(b, C, gamma)
+    stages = [(g, work.size) for g in path] + (
+        [(gamma, k)] if k < work.size else [])
+    for stage, (stage_gamma, stage_k) in enumerate(stages):
 
-        def fun(x, stage_gamma=stage_gamma, stage_k=stage_k):
-            return work(x, stage_gamma, stage_k)[:2]
+        def fun(x, floor, stage_gamma=stage_gamma, stage_k=stage_k):
+            return work(x, stage_gamma, stage_k, floor)[:2]
 
         # The first step, stage_gamma * n * grad, moves the potentials on the
         # scale of the costs: the Hessian is about L / gamma with L a
@@ -599,7 +616,7 @@ def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
     """
     n = a.shape[1]
 
-    def fun(x):
+    def fun(x, floor=None):
         value, ga, gb, _, _ = dual_objective(x[:, :n], x[:, n:], a, b, C, gamma, k)
         return value, torch.cat([ga, gb], dim=1)
 
