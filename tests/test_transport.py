@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from skreg.transport import (
     SparseOTDomainAdaptationClassifier,
     SparseOTTransport,
+    _solver,
     sparsity_constrained_ot,
 )
 from skreg.transport._solver import (
@@ -140,6 +141,24 @@ def test_working_set_evaluations_equal_the_full_objective_along_a_path(k):
     exact = semi_dual_objective(far, a_t, b_t, C_t, 0.05, k)[0]
     assert work.n_refresh == before
     assert float(bound) >= float(exact) - 1e-12
+
+
+def test_coarse_start_reaches_the_same_plan(monkeypatch):
+    # Large problems start from a subsampled problem's potentials; the
+    # optimum (unique: the primal is strictly convex) must not depend on it.
+    a, b, C = _problem(n=150, seed=5)
+    gamma = 0.5 * np.median(C)
+    direct = sparsity_constrained_ot(a, b, C, 10, gamma)
+    monkeypatch.setattr(_solver, "_COARSE_MIN_N", 100)
+    calls = []
+    original = _solver._coarse_start
+    monkeypatch.setattr(_solver, "_coarse_start",
+                        lambda *args: calls.append(args[5]) or original(*args))
+    coarse = sparsity_constrained_ot(a, b, C, 10, gamma)
+    assert calls == [75]
+    assert direct.readout_marginal_error <= 1e-9
+    assert coarse.readout_marginal_error <= 1e-9
+    np.testing.assert_allclose(coarse.plan, direct.plan, atol=1e-9)
 
 
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():

@@ -388,6 +388,8 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20):
 # (cheap there); beyond, conjugate gradients. On the CPU it is always a sparse
 # LU factorization (SciPy's SuperLU) of the bipartite support graph.
 _DENSE_NEWTON_MAX_N = 16384
+# Diagonal shift of the Newton system (the Laplacian has O(1) entries).
+_NEWTON_SHIFT = 1e-9
 
 
 def _sparse_solve(rhs, idx, active, shift):
@@ -450,12 +452,17 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
 
     ``evaluate(alpha)`` returns ``(value, grad, idx, t)`` as
     :func:`semi_dual_objective`. The generalized Hessian is ``-(1/gamma) L``
-    with ``L`` the graph Laplacian of :func:`_laplacian_matvec`; the shift
-    ``max(||grad||_1 / n, 1e-9)`` makes the system positive definite far from
-    the solution and pins only the null directions (the shift of each
-    connected component, whose right-hand side vanishes once the supports
-    are right) near it. Returns ``(alpha, n_iter, best_err)``, keeping the
-    iterate with the smallest marginal error.
+    with ``L`` the graph Laplacian of :func:`_laplacian_matvec`, made
+    definite by a tiny shift that only pins its null directions: the shift
+    of each connected component of the support, whose right-hand side
+    vanishes once the supports are right. Where it does not (a component
+    holding too much or too little mass), the direction moves that component
+    by a long step along which the value is linear until a support changes,
+    and the line search cuts it there. A Levenberg-Marquardt shift
+    proportional to the error would instead shrink those moves to
+    nothing (measured: 0.4% progress per step). Returns
+    ``(alpha, n_iter, best_err)``, keeping the iterate with the smallest
+    marginal error.
     """
     value, grad, sel, t = evaluate(alpha)
     err = _marginal_error(grad)
@@ -464,13 +471,12 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
     if skip is not None:
         since_best = torch.where(skip, patience, since_best)
     n_iter = 0
-    n = alpha.shape[1]
     for n_iter in range(1, max_iter + 1):
         finished = (err <= tol) | (since_best >= patience)
         if bool(finished.all()):
             n_iter -= 1
             break
-        shift = (err / n).clamp(min=1e-9).unsqueeze(1)
+        shift = torch.full_like(err, _NEWTON_SHIFT).unsqueeze(1)
         direction = _newton_direction(gamma * grad, sel, t > 0, shift)
         slope = (grad * direction).sum(dim=1)
         step = torch.ones_like(value)
@@ -539,6 +545,43 @@ def _gamma_path(b, C, gamma):
     return stages[::-1]
 
 
+# From this many rows and columns on, the first stage starts from a coarse
+# problem's potentials (:func:`_coarse_start`) instead of a c-transform: 2.5x
+# faster at n = 3000 (measured), but on the n = 1000 benchmark the path it
+# takes ends where Newton stalls at 7e-7 instead of converging to 1e-12.
+_COARSE_MIN_N = 2000
+
+
+def _coarse_start(a, b, C, gamma, k, size, max_iter):
+    """Potentials for the first stage, from a subsampled problem.
+
+    The first (smoothest) stage is the costly one from a cold start: the
+    potentials travel across the cost scale, and every large move forces the
+    working set to be refreshed. A random subsample of ``size`` rows and
+    columns (the same for the whole batch, masses renormalized) is solved at
+    ``gamma * size / m``, which keeps ``gamma b_j`` and hence the plan's
+    spread in cost units; its column potentials ``beta`` then give every row
+    its potential by the row-wise optimality condition
+    ``sum_{j in Q} [alpha_i + beta_j - C_ij]_+ = gamma size a_i / m`` (one
+    simplex-projection threshold per row).
+    """
+    n, m = C.shape[1:]
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randperm(n, generator=generator)[:size].to(C.device)
+    cols = torch.randperm(m, generator=generator)[:size].to(C.device)
+    a_c = a[:, rows] / a[:, rows].sum(dim=1, keepdim=True) * a.sum(dim=1,
+                                                                    keepdim=True)
+    b_c = b[:, cols] / b[:, cols].sum(dim=1, keepdim=True) * b.sum(dim=1,
+                                                                    keepdim=True)
+    gamma_c = gamma * size / m
+    sub = solve_semi_dual(a_c, b_c, C[:, rows][:, :, cols].contiguous(),
+                          gamma_c, k, max_iter=max_iter, tol=1e-3)
+    level = (a * gamma_c).unsqueeze(2)
+    scores = (sub.beta.unsqueeze(1) - C[:, :, cols]) / level
+    _, tau = _project_sorted(scores.sort(dim=2, descending=True).values, 2)
+    return -(level * tau)[..., 0]
+
+
 def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
     """Maximize the sparsity-constrained semi-dual.
 
@@ -563,17 +606,22 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     -------
     SolverResult
     """
-    n = C.shape[1]
+    n, m = C.shape[1:]
     work = _WorkingSet(a, b, C, _working_set_size(k))
-    # Each row starts level with its nearest column (a c-transform of
-    # beta = 0), so every row is near the top of some column from step one.
-    alpha = work.CT.amin(dim=1)
+    path = _gamma_path(b, C, gamma)
+    if min(n, m) >= _COARSE_MIN_N:
+        size = min(max(min(n, m) // 8, 250), 1000, min(n, m) // 2)
+        alpha = _coarse_start(a, b, C, path[0], work.size, size, max_iter)
+    else:
+        # Each row starts level with its nearest column (a c-transform of
+        # beta = 0), so every row is near the top of some column from step
+        # one.
+        alpha = work.CT.amin(dim=1)
     switch = max(tol, 1e-3)
     n_iter = 0
     # Every stage of the path runs with the slack k (the last one at gamma
     # itself), then a final stage with k: where k binds, it starts from the
     # unconstrained optimum instead of a cold start.
-    path = _gamma_path(b, C, gamma)
     stages = [(g, work.size) for g in path] + (
         [(gamma, k)] if k < work.size else [])
     for stage, (stage_gamma, stage_k) in enumerate(stages):
