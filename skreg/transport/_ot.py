@@ -267,8 +267,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         stalls (see Notes), never on the objective change alone.
     repair : bool, default=True
         When the read-out misses ``tol``, solve the quadratically regularized
-        problem restricted to each column's top-``k`` rows, so the plan has
-        exact marginals whenever that support admits a feasible plan.
+        problem restricted to each column's top-``k`` rows (then, if that
+        fails, to the rows the read-out gives mass), so the plan has exact
+        marginals whenever such a support admits a feasible plan.
     device : str, torch.device or None, default=None
         Where to compute; ``None`` computes where ``C`` lives (the CPU for
         NumPy input). Results come back on the input's device.
@@ -391,12 +392,22 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
         if repair and bool((readout_err > tol_eff).any()):
             # The potentials stay those of the best dual: they certify the
             # lower bound, while the repaired plan gives the upper bound.
-            _, vals_r, idx_r, _, _ = solve_on_support(
-                a_t, b_t, C_t, gamma, res.idx, res.alpha, tol=tol_eff)
-            plan_r = _dense_plan(idx_r, vals_r, n)
-            err_r = _errors(plan_r, a_t, b_t)
-            repaired = (readout_err > tol_eff) & (err_r <= tol_eff)
-            plan = torch.where(repaired.view(-1, 1, 1), plan_r, plan)
+            # First the top-k rows of each column, then, where that fails,
+            # only the rows that carry mass: near a degenerate optimum (an
+            # entry exactly on the projection threshold) the top-k support
+            # lets that entry flip in and out of the plan at every Newton
+            # step, while the positive support pins it out.
+            for mask in (None, res.vals > 0):
+                todo = (readout_err > tol_eff) & ~repaired
+                if not bool(todo.any()):
+                    break
+                _, vals_r, idx_r, _, _ = solve_on_support(
+                    a_t, b_t, C_t, gamma, res.idx, res.alpha, mask=mask,
+                    tol=tol_eff)
+                plan_r = _dense_plan(idx_r, vals_r, n)
+                fixed = todo & (_errors(plan_r, a_t, b_t) <= tol_eff)
+                plan = torch.where(fixed.view(-1, 1, 1), plan_r, plan)
+                repaired = repaired | fixed
         err = _errors(plan, a_t, b_t)
         cost = (plan * C_t).sum(dim=(1, 2))
         primal = cost + 0.5 * gamma * (plan * plan).sum(dim=(1, 2))
