@@ -26,6 +26,7 @@ from skreg.transport._solver import (
     _WorkingSet,
     dual_objective,
     semi_dual_objective,
+    solve_on_support,
 )
 
 
@@ -159,6 +160,26 @@ def test_coarse_start_reaches_the_same_plan(monkeypatch):
     assert direct.readout_marginal_error <= 1e-9
     assert coarse.readout_marginal_error <= 1e-9
     np.testing.assert_allclose(coarse.plan, direct.plan, atol=1e-9)
+
+
+def test_repair_on_a_masked_support_keeps_only_the_allowed_entries():
+    # Two candidate rows per column, only the first allowed: with uniform
+    # masses and a permutation of allowed rows the only feasible plan is that
+    # permutation, whatever the costs say.
+    a, b, C = _problem(n=8, seed=6)
+    perm = np.random.RandomState(7).permutation(8)
+    other = (perm + 1) % 8
+    idx = torch.as_tensor(np.stack([perm, other]))[None]
+    mask = torch.zeros(1, 2, 8, dtype=torch.bool)
+    mask[:, 0] = True
+    _, vals, idx_out, err, _ = solve_on_support(
+        _t(a), _t(b), _t(C), 0.3, idx, torch.zeros(1, 8, dtype=torch.float64),
+        mask=mask, tol=1e-12)
+    plan = np.zeros((8, 8))
+    np.put_along_axis(plan, idx_out[0].numpy(), vals[0].numpy(), axis=0)
+    assert float(err[0]) <= 1e-12
+    np.testing.assert_allclose(plan[perm, np.arange(8)], 1 / 8, atol=1e-12)
+    assert np.count_nonzero(plan) == 8
 
 
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
