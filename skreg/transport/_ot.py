@@ -259,9 +259,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         ``"semi_dual"`` optimizes ``alpha`` only and gets the ``b``-marginal
         exactly; ``"dual"`` optimizes ``(alpha, beta)`` by L-BFGS alone.
     max_iter : int, default=1000
-        L-BFGS iteration budget of each continuation stage (see Notes); the
-        Newton polish and the repair have their own, ``max_iter // 10 + 10``
-        and 200.
+        L-BFGS iteration budget of the last continuation stage (see Notes;
+        the preparatory stages stop at ``min(max_iter, 400)``); the Newton
+        polish and the repair have their own, ``max_iter // 10 + 10`` and 200.
     tol : float, default=1e-9
         Target marginal L1 error. The solver stops when it is met or when it
         stalls (see Notes), never on the objective change alone.
@@ -300,7 +300,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     spreads over tens of rows per column) down to ``gamma`` by factors of 4,
     each stage warm-started from the previous one and solved with a slack
     sparsity (``max(2k, k + 16)`` rows per column, so the stages above
-    ``gamma`` do not bind), then a last stage with ``k`` itself. Every
+    ``gamma`` do not bind), then a last stage with ``k`` itself. From
+    ``n = m = 1000`` on, the first stage starts from the potentials of a
+    random subsample of 250 to 1000 points (the row potentials follow from
+    its column potentials by the row-wise optimality condition). Every
     evaluation touches only a working set of candidate rows per column (the
     rows with the largest ``alpha_i - C_ij`` at its last refresh), in
     ``O(k m)`` instead of ``O(n m)``; a drift bound certifies that no other
