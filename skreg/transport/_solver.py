@@ -110,9 +110,11 @@ def semi_dual_objective(alpha, a, b, C, gamma, k, idx=None, mask=None):
         # Only the given entries: O(k m), never a pass over C.
         costs = C.gather(1, idx)
         if mask is not None:
-            # A finite penalty (not inf: inf * 0 would be nan) far beyond any
-            # potential difference keeps the entry out of every projection.
-            span = (C.amax(dim=(1, 2)) - C.amin(dim=(1, 2))).view(-1, 1, 1)
+            # A finite penalty (not inf: inf * 0 would be nan) far beyond the
+            # spread of the scores keeps the entry out of every projection;
+            # it is measured on the gathered entries only (no pass over C).
+            span = (costs.amax(dim=(1, 2)) - costs.amin(dim=(1, 2))
+                    + alpha.amax(dim=1) - alpha.amin(dim=1)).view(-1, 1, 1)
             costs = torch.where(mask, costs, costs + 1e6 * (span + 1.0))
         scores = (alpha.gather(1, idx.flatten(1)).view_as(idx) - costs) / scale
         picked, order = scores.sort(dim=1, descending=True)
