@@ -182,6 +182,44 @@ def test_repair_on_a_masked_support_keeps_only_the_allowed_entries():
     assert np.count_nonzero(plan) == 8
 
 
+def test_newton_solvers_agree_on_the_support_laplacian(monkeypatch):
+    # The CPU's sparse LU, the GPU's dense Cholesky and conjugate gradients
+    # solve the same system; all three run here on the CPU. The right-hand
+    # side is a gradient with a balanced sum on every component of the
+    # support, as at the optimum, so the shift does not dominate.
+    a, b, C = _problem(n=40, seed=8)
+    a_t, b_t, C_t = _t(a), _t(b), _t(C)
+    alpha = C_t.amin(dim=2) + 0.05 * _t(np.random.RandomState(9).rand(40))
+    # The solver hands over the working set's (transposed, strided) layout.
+    _, _, idx, t = _WorkingSet(a_t, b_t, C_t, 12)(alpha, 2.0, 4)
+    assert not idx.is_contiguous()
+    active = t > 0
+    assert int(active.sum()) > 40  # columns with several rows: a real graph
+    rhs = _solver._laplacian_matvec(_t(np.random.RandomState(10).randn(40)),
+                                    idx, active)
+    shift = torch.full((1, 1), 1e-9, dtype=torch.float64)
+    for method in ("sparse", "dense", "cg"):
+        monkeypatch.setattr(_solver, "_newton_method", lambda *_, m=method: m)
+        d = _solver._newton_direction(rhs, idx, active, shift)
+        back = _solver._laplacian_matvec(d, idx, active) + shift * d
+        tol = 1e-3 if method == "cg" else 1e-9
+        assert float((back - rhs).norm() / rhs.norm()) <= tol, method
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_the_gpu_newton_solvers_give_the_cpu_plan(monkeypatch, method):
+    # End to end with the Newton system solved as on a GPU (dense Cholesky,
+    # or CG beyond 16,384 rows), on the CPU; the optimum is unique.
+    a, b, C = _problem(n=150, seed=11)
+    gamma = 0.1 * np.median(C)
+    reference = sparsity_constrained_ot(a, b, C, 10, gamma)
+    monkeypatch.setattr(_solver, "_newton_method", lambda *_: method)
+    res = sparsity_constrained_ot(a, b, C, 10, gamma)
+    assert reference.marginal_error <= 1e-9
+    assert res.marginal_error <= 1e-9
+    np.testing.assert_allclose(res.plan, reference.plan, atol=1e-9)
+
+
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
     a, b, C = _problem(n=10, seed=4)
     gamma = 2.0

@@ -287,9 +287,9 @@ def _laplacian_dense(n, idx, active, dtype):
     batch, k, m = idx.shape
     size = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
     pair = (weights.unsqueeze(2) * weights.unsqueeze(1)) / size.unsqueeze(1)
-    flat = (idx.unsqueeze(2) * n + idx.unsqueeze(1)).view(batch, -1)
+    flat = (idx.unsqueeze(2) * n + idx.unsqueeze(1)).reshape(batch, -1)
     lap = torch.zeros(batch, n * n, dtype=dtype, device=idx.device)
-    lap.scatter_add_(1, flat, -pair.view(batch, -1))
+    lap.scatter_add_(1, flat, -pair.reshape(batch, -1))
     lap = lap.view(batch, n, n)
     lap.diagonal(dim1=1, dim2=2).add_(
         torch.zeros(batch, n, dtype=dtype, device=idx.device).scatter_add_(
@@ -452,12 +452,20 @@ def _sparse_solve(rhs, idx, active, shift):
     return torch.from_numpy(out).to(dtype=rhs.dtype)
 
 
+def _newton_method(device, n):
+    """``"sparse"`` (SciPy, CPU), ``"dense"`` (Cholesky) or ``"cg"``."""
+    if device.type == "cpu":
+        return "sparse"
+    return "dense" if n <= _DENSE_NEWTON_MAX_N else "cg"
+
+
 def _newton_direction(rhs, idx, active, shift):
     """Solve ``(L + shift I) d = rhs`` with ``L`` the support Laplacian."""
     n = rhs.shape[1]
-    if rhs.device.type == "cpu":
+    method = _newton_method(rhs.device, n)
+    if method == "sparse":
         return _sparse_solve(rhs, idx, active, shift)
-    if n <= _DENSE_NEWTON_MAX_N:
+    if method == "dense":
         lap = _laplacian_dense(n, idx, active, rhs.dtype)
         lap.diagonal(dim1=1, dim2=2).add_(shift)
         factor, _ = torch.linalg.cholesky_ex(lap)
