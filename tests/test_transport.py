@@ -182,6 +182,39 @@ def test_repair_on_a_masked_support_keeps_only_the_allowed_entries():
     assert np.count_nonzero(plan) == 8
 
 
+def test_repair_stops_at_once_on_a_support_with_no_feasible_plan():
+    # Row 0 is in no column's support, so no plan on it has the a-marginal:
+    # the dual value crosses the weak-duality bound in the first steps
+    # instead of running to max_iter. On a feasible support the bound holds
+    # for the repaired optimum (weak duality).
+    a, b, C = _problem(n=8, seed=6)
+    rng = np.random.RandomState(3)
+    idx_bad = torch.as_tensor(np.stack([rng.permutation(np.arange(1, 8))[:8 - 1]
+                                        for _ in range(2)]))
+    idx_bad = torch.cat([idx_bad, idx_bad[:, :1]], dim=1)[None]
+    perm = rng.permutation(8)
+    idx_ok = torch.as_tensor(np.stack([perm, (perm + 1) % 8]))[None]
+    # Warm start on the feasible support, as the repair gets it from the
+    # dual: the potentials of the plan on the first row of each column.
+    mask = torch.zeros(1, 2, 8, dtype=torch.bool)
+    mask[:, 0] = True
+    zeros = torch.zeros(1, 8, dtype=torch.float64)
+    warm, *_ = solve_on_support(_t(a), _t(b), _t(C), 0.3, idx_ok, zeros,
+                                mask=mask, tol=1e-12)
+    for idx, feasible, alpha0 in ((idx_bad, False, zeros), (idx_ok, True, warm)):
+        _, vals, idx_out, err, n_iter = solve_on_support(
+            _t(a), _t(b), _t(C), 0.3, idx, alpha0, max_iter=200, tol=1e-12)
+        plan = np.zeros((8, 8))
+        np.put_along_axis(plan, idx_out[0].numpy(), vals[0].numpy(), axis=0)
+        if feasible:
+            assert float(err[0]) <= 1e-12
+            primal = (plan * C).sum() + 0.15 * (plan ** 2).sum()
+            assert primal <= float(_solver._support_bound(_t(b), _t(C), 0.3, idx)[0])
+        else:
+            assert float(err[0]) >= 2 * a[0] - 1e-12
+            assert n_iter <= 10
+
+
 def test_newton_solvers_agree_on_the_support_laplacian(monkeypatch):
     # The CPU's sparse LU, the GPU's dense Cholesky and conjugate gradients
     # solve the same system; all three run here on the CPU. The right-hand

@@ -480,7 +480,7 @@ def _newton_direction(rhs, idx, active, shift):
 
 
 def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
-                      skip=None):
+                      skip=None, upper=None, span=None):
     """Semismooth Newton (Levenberg-Marquardt damped, Armijo line search).
 
     ``evaluate(alpha)`` returns ``(value, grad, idx, t)`` as
@@ -496,6 +496,18 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
     nothing (measured: 0.4% progress per step). Returns
     ``(alpha, n_iter, best_err)``, keeping the iterate with the smallest
     marginal error.
+
+    ``upper`` (shape ``(B,)``), when given, is an upper bound on the optimal
+    value whenever the problem is feasible: a value above it certifies that
+    the problem has no feasible plan, and that problem stops.
+
+    ``span`` (shape ``(B,)``), when given, caps the first trial step so that
+    no potential moves by more than it: the range of the costs plus
+    ``gamma max(b)``, beyond which every support has changed. A component
+    of the support holding the wrong mass gets a direction of size
+    ``1 / shift``; uncapped, 20 halvings did not bring that move back to the
+    scale of the costs and the search failed (measured: moves of 3.7e7
+    against costs of 10).
     """
     value, grad, sel, t = evaluate(alpha)
     err = _marginal_error(grad)
@@ -506,6 +518,8 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         finished = (err <= tol) | (since_best >= patience)
+        if upper is not None:
+            finished = finished | (value > upper)
         if bool(finished.all()):
             n_iter -= 1
             break
@@ -513,6 +527,9 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
         direction = _newton_direction(gamma * grad, sel, t > 0, shift)
         slope = (grad * direction).sum(dim=1)
         step = torch.ones_like(value)
+        if span is not None:
+            step = torch.clamp(span / direction.abs().amax(dim=1).clamp(min=1e-300),
+                               max=1.0)
         for _ in range(20):
             new_alpha = alpha + step.unsqueeze(1) * direction
             new_value, new_grad, new_sel, new_t = evaluate(new_alpha)
@@ -699,7 +716,8 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     # the switch point sits on a kink where the Newton model is wrong.
     alpha, it_newton, _ = _newton_semi_dual(
         lambda x: work(x, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
-        patience=10, skip=_marginal_error(grad) > switch)
+        patience=10, skip=_marginal_error(grad) > switch,
+        span=_potential_span(b, C, gamma))
     value, grad, idx, t = work(alpha, gamma, k)
     vals = t * b.unsqueeze(1)
     beta = _beta_from_plan(alpha, C, idx, vals, gamma)
@@ -735,6 +753,29 @@ def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
                         torch.full_like(value, n_iter, dtype=torch.long), err <= tol)
 
 
+def _potential_span(b, costs, gamma):
+    """Largest useful move of a potential (see :func:`_newton_semi_dual`)."""
+    return (costs.amax(dim=(1, 2)) - costs.amin(dim=(1, 2))
+            + gamma * b.amax(dim=1))
+
+
+def _support_bound(b, C, gamma, idx, mask=None):
+    """An upper bound on the repair problem's optimum when it is feasible.
+
+    Any plan on the support costs at most ``sum_j b_j max_{i in S_j} C_ij +
+    (gamma/2) sum_j b_j^2`` (a column of mass ``b_j`` has squared norm at most
+    ``b_j^2``), so by weak duality a semi-dual value above this bound proves
+    that the support admits no plan with the marginals (an empty column gives
+    ``-inf``). On an infeasible support Newton's first steps go far beyond it
+    (measured: from 2.07 to 1.2e6 against a bound of 2.28), instead of running
+    to the iteration cap.
+    """
+    costs = C.gather(1, idx)
+    if mask is not None:
+        costs = torch.where(mask, costs, float("-inf"))
+    return (b * costs.amax(dim=1)).sum(dim=1) + 0.5 * gamma * (b * b).sum(dim=1)
+
+
 def solve_on_support(a, b, C, gamma, idx, alpha0, *, mask=None, max_iter=200,
                      tol=1e-10):
     """Quadratically regularized OT restricted to the rows ``idx`` of each column.
@@ -759,7 +800,9 @@ def solve_on_support(a, b, C, gamma, idx, alpha0, *, mask=None, max_iter=200,
     def evaluate(x):
         return semi_dual_objective(x, a, b, C, gamma, k, idx, mask)
 
-    alpha, n_iter, _ = _newton_semi_dual(evaluate, alpha0, gamma, max_iter, tol,
-                                         patience=10)
+    alpha, n_iter, _ = _newton_semi_dual(
+        evaluate, alpha0, gamma, max_iter, tol, patience=10,
+        upper=_support_bound(b, C, gamma, idx, mask),
+        span=_potential_span(b, C.gather(1, idx), gamma))
     _, grad, idx_out, t = evaluate(alpha)
     return alpha, t * b.unsqueeze(1), idx_out, _marginal_error(grad), n_iter
