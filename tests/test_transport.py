@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from skreg.transport import (
     SparseOTDomainAdaptationClassifier,
     SparseOTTransport,
+    _ot,
     _solver,
     sparsity_constrained_ot,
 )
@@ -270,6 +271,33 @@ def test_k_one_approaches_exact_ot_as_gamma_vanishes():
     costs = [sparsity_constrained_ot(a, b, C, 1, g).cost for g in (1e-1, 1e-3)]
     assert abs(costs[1] - exact) <= 1e-6 * (1 + exact)
     assert costs[1] <= costs[0] + 1e-12
+
+
+def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
+    # k = 2 with a large gamma (found by search: the first such case among
+    # small Gaussian clouds): neither the read-out's top-2 nor its positive
+    # support holds a plan with the marginals. The exact OT plan's rows,
+    # completed to 2 per column, do; the repaired plan is optimal on that
+    # support, so it costs at most what the exact OT plan costs there.
+    a, b, C = _problem(n=40, seed=2)
+    gamma = 10.0 * np.median(C)
+    calls = []
+    original = _ot._exact_ot_support
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_ot, "_exact_ot_support", spy)
+    res = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert calls and res.repaired
+    assert res.readout_marginal_error > 1e-3
+    assert res.marginal_error <= 1e-9
+    assert np.count_nonzero(res.plan, axis=0).max() <= 2
+    exact = ot.emd(a, b, C)
+    exact_primal = (exact * C).sum() + 0.5 * gamma * (exact ** 2).sum()
+    assert res.primal_objective <= exact_primal + 1e-12
+    assert res.duality_gap >= -1e-9
 
 
 def test_binding_k_repaired_plan_has_exact_marginals_and_k_nonzeros():

@@ -211,6 +211,50 @@ def _errors(plan, a, b):
             + (plan.sum(dim=1) - b).abs().sum(dim=1))
 
 
+def _exact_ot_support(a, b, C, idx, which):
+    """Supports that admit a feasible plan: an exact OT plan's, topped up.
+
+    For each problem, the rows of each column in an exact (unregularized)
+    optimal plan from POT's network simplex (``ot.emd``), completed with the
+    column's best rows of ``idx`` up to ``k``. The support holds a feasible
+    plan by construction whenever no column of the exact plan has more than
+    ``k`` nonzeros; ``ok`` is false for the problems where one has, and for
+    those ``which`` leaves out (their ``idx`` is returned unchanged).
+
+    Returns
+    -------
+    idx : Tensor of shape (B, k, m)
+    ok : bool Tensor of shape (B,)
+    """
+    import ot
+
+    batch, k, m = idx.shape
+    idx_np = idx.cpu().numpy()
+    out = idx_np.copy()
+    ok = to_numpy(which).astype(bool)
+    grid = np.arange(m)
+    for i in np.nonzero(ok)[0]:
+        plan = ot.emd(to_numpy(a[i]).astype(np.float64),
+                      to_numpy(b[i]).astype(np.float64),
+                      to_numpy(C[i]).astype(np.float64), numItermax=10**7)
+        exact = plan > 0
+        counts = exact.sum(axis=0)
+        if counts.max() > k:
+            ok[i] = False
+            continue
+        # The exact plan's rows first, then the best rows of idx not among
+        # them, k in all per column.
+        cols, rows = np.nonzero(exact.T)
+        slot = np.arange(cols.size) - np.searchsorted(cols, cols)
+        out[i][slot, cols] = rows
+        fresh = ~exact[idx_np[i], grid]
+        rank = np.cumsum(fresh, axis=0) - 1 + counts
+        take = fresh & (rank < k)
+        out[i][rank[take], np.nonzero(take)[1]] = idx_np[i][take]
+    return (torch.as_tensor(out, device=idx.device),
+            torch.as_tensor(ok, device=idx.device))
+
+
 def _binding(alpha, beta, a, b, C, gamma, k, formulation):
     """Whether some column's (k+1)-th entry would enter the plan."""
     n = C.shape[1]
@@ -267,9 +311,13 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         stalls (see Notes), never on the objective change alone.
     repair : bool, default=True
         When the read-out misses ``tol``, solve the quadratically regularized
-        problem restricted to each column's top-``k`` rows (then, if that
-        fails, to the rows the read-out gives mass), so the plan has exact
-        marginals whenever such a support admits a feasible plan.
+        problem restricted to each column's top-``k`` rows; if that support
+        holds no feasible plan, to the rows the read-out gives mass; if that
+        fails too, to the rows of an exact OT plan (``ot.emd``) completed by
+        the best rows up to ``k``, which holds a feasible plan whenever no
+        column of the exact plan has more than ``k`` nonzeros. An infeasible
+        support is detected at once: the dual value passes a weak-duality
+        bound.
     device : str, torch.device or None, default=None
         Where to compute; ``None`` computes where ``C`` lives (the CPU for
         NumPy input). Results come back on the input's device.
@@ -312,8 +360,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     method then polishes the potentials: its generalized Hessian is a graph
     Laplacian over the plan's support, factorized as a sparse bipartite
     system (SciPy's SuperLU) on the CPU and densely (conjugate gradients
-    beyond 16,384 rows) on a GPU, with a Levenberg-Marquardt shift that
-    vanishes near the optimum. A phase stops when the marginal error reaches
+    beyond 16,384 rows) on a GPU, with a constant shift of ``1e-9`` that pins
+    its null directions. L-BFGS keeps its curvature pairs from one stage to
+    the next. A phase stops when the marginal error reaches
     ``tol`` or stalls: for L-BFGS, the value rose by less than ``1e-12``
     relative over 10 iterations; for Newton, the best error fell by less
     than 1% over 10 iterations or the line search found no ascent.
@@ -400,12 +449,19 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
             # entry exactly on the projection threshold) the top-k support
             # lets that entry flip in and out of the plan at every Newton
             # step, while the positive support pins it out.
-            for mask in (None, res.vals > 0):
+            # Last, where neither holds a feasible plan, an exact OT plan's
+            # rows completed by the best ones (:func:`_exact_ot_support`).
+            for attempt in ("top_k", "positive", "exact_ot"):
                 todo = (readout_err > tol_eff) & ~repaired
                 if not bool(todo.any()):
                     break
+                idx, mask = res.idx, None
+                if attempt == "positive":
+                    mask = res.vals > 0
+                elif attempt == "exact_ot":
+                    idx, todo = _exact_ot_support(a_t, b_t, C_t, res.idx, todo)
                 _, vals_r, idx_r, _, _ = solve_on_support(
-                    a_t, b_t, C_t, gamma, res.idx, res.alpha, mask=mask,
+                    a_t, b_t, C_t, gamma, idx, res.alpha, mask=mask,
                     tol=tol_eff)
                 plan_r = _dense_plan(idx_r, vals_r, n)
                 fixed = todo & (_errors(plan_r, a_t, b_t) <= tol_eff)
