@@ -255,6 +255,41 @@ def _exact_ot_support(a, b, C, idx, which):
             torch.as_tensor(ok, device=idx.device))
 
 
+def _repair(res, plan, a, b, C, gamma, err, tol):
+    """Re-solve on supports of at most k rows per column until one works.
+
+    Two base supports, in turn: each column's top-k rows at the dual's
+    potentials, then an exact OT plan's rows completed to k
+    (:func:`_exact_ot_support`). Where the solve on a base support misses the
+    marginals, it is re-solved on the rows that solve gave mass: near a
+    degenerate optimum (an entry exactly on the projection threshold) Newton
+    lets that entry flip in and out at every step, and the positive support
+    pins it out (measured at n = 3000: 6.8e-7, then 7.0e-13 in one step).
+    Returns the plan and which problems were repaired.
+    """
+    n = C.shape[1]
+    repaired = torch.zeros_like(err, dtype=torch.bool)
+    for base in ("top_k", "exact_ot"):
+        todo = (err > tol) & ~repaired
+        if not bool(todo.any()):
+            break
+        idx, alpha, mask = res.idx, res.alpha, None
+        if base == "exact_ot":
+            idx, todo = _exact_ot_support(a, b, C, res.idx, todo)
+        for _ in range(2):
+            alpha, vals, idx, _, _ = solve_on_support(a, b, C, gamma, idx, alpha,
+                                                      mask=mask, tol=tol)
+            plan_r = _dense_plan(idx, vals, n)
+            fixed = todo & (_errors(plan_r, a, b) <= tol)
+            plan = torch.where(fixed.view(-1, 1, 1), plan_r, plan)
+            repaired = repaired | fixed
+            todo = todo & ~fixed
+            if not bool(todo.any()):
+                break
+            mask = vals > 0
+    return plan, repaired
+
+
 def _binding(alpha, beta, a, b, C, gamma, k, formulation):
     """Whether some column's (k+1)-th entry would enter the plan."""
     n = C.shape[1]
@@ -444,29 +479,8 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
         if repair and bool((readout_err > tol_eff).any()):
             # The potentials stay those of the best dual: they certify the
             # lower bound, while the repaired plan gives the upper bound.
-            # First the top-k rows of each column, then, where that fails,
-            # only the rows that carry mass: near a degenerate optimum (an
-            # entry exactly on the projection threshold) the top-k support
-            # lets that entry flip in and out of the plan at every Newton
-            # step, while the positive support pins it out.
-            # Last, where neither holds a feasible plan, an exact OT plan's
-            # rows completed by the best ones (:func:`_exact_ot_support`).
-            for attempt in ("top_k", "positive", "exact_ot"):
-                todo = (readout_err > tol_eff) & ~repaired
-                if not bool(todo.any()):
-                    break
-                idx, mask = res.idx, None
-                if attempt == "positive":
-                    mask = res.vals > 0
-                elif attempt == "exact_ot":
-                    idx, todo = _exact_ot_support(a_t, b_t, C_t, res.idx, todo)
-                _, vals_r, idx_r, _, _ = solve_on_support(
-                    a_t, b_t, C_t, gamma, idx, res.alpha, mask=mask,
-                    tol=tol_eff)
-                plan_r = _dense_plan(idx_r, vals_r, n)
-                fixed = todo & (_errors(plan_r, a_t, b_t) <= tol_eff)
-                plan = torch.where(fixed.view(-1, 1, 1), plan_r, plan)
-                repaired = repaired | fixed
+            plan, repaired = _repair(res, plan, a_t, b_t, C_t, gamma, readout_err,
+                                     tol_eff)
         err = _errors(plan, a_t, b_t)
         cost = (plan * C_t).sum(dim=(1, 2))
         primal = cost + 0.5 * gamma * (plan * plan).sum(dim=(1, 2))
