@@ -119,30 +119,35 @@ def test_working_set_evaluations_equal_the_full_objective_along_a_path(k):
     # The working set keeps 2k or k + 16 rows per column (of 60 here) and
     # certifies that no other row could enter; along a random path with
     # large and small moves every evaluation must equal the full one, and the
-    # moves must have forced refreshes (or the check would prove nothing).
-    a, b, C = _problem(n=60, seed=3)
-    a_t, b_t, C_t = _t(a), _t(b), _t(C)
+    # moves must have forced refreshes, of all columns and of the failing ones
+    # only, past the number of snapshots (or the check would prove nothing).
+    # Two problems in a batch share the snapshots.
+    problems = [_problem(n=60, seed=s) for s in (3, 4)]
+    a_t, b_t, C_t = (torch.as_tensor(np.stack([p[i] for p in problems]))
+                     for i in range(3))
     work = _WorkingSet(a_t, b_t, C_t, _working_set_size(k))
     assert work.size < 60
     rng = np.random.RandomState(4)
     alpha = C_t.amin(dim=2)
     refreshes = []
-    for step in range(40):
-        alpha = alpha + _t(rng.randn(60)) * (0.5 if step % 5 == 0 else 0.01)
+    for step in range(150):
+        alpha = alpha + torch.as_tensor(rng.randn(2, 60)) * (
+            3.0 if step % 20 == 0 else 0.1)
         value, grad, idx, t = work(alpha, 0.05, k)
         full = semi_dual_objective(alpha, a_t, b_t, C_t, 0.05, k)
         assert torch.allclose(value, full[0], rtol=1e-12, atol=1e-12)
         assert torch.allclose(grad, full[1], rtol=1e-12, atol=1e-12)
-        refreshes.append(work.n_refresh)
-    assert refreshes[-1] > refreshes[0]
+        refreshes.append((work.n_refresh - work.n_partial, work.n_partial))
+    assert refreshes[-1][0] > refreshes[0][0]
+    assert refreshes[-1][1] > _solver._MAX_SNAPSHOTS
     # A floor above the working-set value skips the refresh and returns an
     # upper bound of the exact value.
-    far = alpha + _t(rng.randn(60)) * 2.0
+    far = alpha + torch.as_tensor(rng.randn(2, 60)) * 2.0
     before = work.n_refresh
-    bound = work(far, 0.05, k, floor=torch.full((1,), np.inf))[0]
+    bound = work(far, 0.05, k, floor=torch.full((2,), np.inf))[0]
     exact = semi_dual_objective(far, a_t, b_t, C_t, 0.05, k)[0]
     assert work.n_refresh == before
-    assert float(bound) >= float(exact) - 1e-12
+    assert bool((bound >= exact - 1e-12).all())
 
 
 def test_coarse_start_reaches_the_same_plan(monkeypatch):

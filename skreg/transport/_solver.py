@@ -151,6 +151,11 @@ def dual_objective(alpha, beta, a, b, C, gamma, k, idx=None):
 
 # Columns per block when the working set is refreshed in full.
 _REFRESH_BLOCK = 128
+# Past potentials kept, so that each column is certified against its own
+# refresh and only the failing columns are refreshed.
+_MAX_SNAPSHOTS = 8
+# Beyond this share of failing columns, all are refreshed in one pass.
+_FULL_REFRESH_SHARE = 0.75
 
 
 class _WorkingSet:
@@ -158,15 +163,21 @@ class _WorkingSet:
 
     A full evaluation costs ``O(n m)`` (a top-k over every column). Near the
     maximum each column's plan lives on a few rows, so this keeps, per column,
-    the ``size`` rows with the largest ``alpha_i - C_ij`` at the last refresh
-    and evaluates on them alone, in ``O(size m)``. The result is certified
-    exact: a row outside the list cannot have gained more than
-    ``max_i(alpha_i - alpha_ref_i)`` since the refresh, so while that bound
-    keeps it below both the column's projection threshold and its ``k``-th
-    candidate it can neither enter the top-k nor receive mass. Columns whose
-    certificate fails are refreshed (a top-``size + 1`` over their ``n`` rows)
-    before the evaluation is returned, so every returned value is the full
-    objective up to the tie-breaking of :func:`torch.topk`.
+    the ``size`` rows with the largest ``alpha_i - C_ij`` at the column's last
+    refresh and evaluates on them alone, in ``O(size m)``. The result is
+    certified exact: a row outside the list cannot have gained more than
+    ``max_i(alpha_i - alpha_ref_i)`` since that refresh (``alpha_ref`` the
+    potentials then), so while that bound keeps it below both the column's
+    projection threshold and its ``k``-th candidate it can neither enter the
+    top-k nor receive mass. Columns whose certificate fails are refreshed (a
+    top-``size + 1`` over their ``n`` rows) before the evaluation is
+    returned, so every returned value is the full objective up to the
+    tie-breaking of :func:`torch.topk`.
+
+    Only the failing columns are refreshed, each against the potentials of
+    its own refresh: up to ``_MAX_SNAPSHOTS`` past potentials are kept, and
+    each column points to one. When most columns fail, or no snapshot slot is
+    free, every column is refreshed and a single snapshot remains.
 
     ``C`` is stored transposed, ``(B, m, n)``, so the top-k runs along the
     contiguous axis (4-6x faster on the CPU at ``n = 3000``).
@@ -177,19 +188,24 @@ class _WorkingSet:
         self.CT = C.transpose(1, 2).contiguous()
         batch, m, n = self.CT.shape
         self.size = min(size, n)
-        self.n_refresh = 0
-        self.alpha_ref = None
+        self.n_refresh = self.n_partial = 0
+        self.snapshots = None
         if self.size == n:
             # Every row is a candidate: nothing to certify or refresh.
             self.cidx = torch.arange(n, device=C.device).expand(batch, m, n)
             self.cC = self.CT
-            self.out = torch.full((batch, m), -torch.inf, dtype=C.dtype,
-                                  device=C.device)
 
     def _refresh(self, alpha, cols=None):
         self.n_refresh += 1
-        if cols is None or self.alpha_ref is None:
-            batch, m, _ = self.CT.shape
+        batch, m, _ = self.CT.shape
+        if cols is not None:
+            # Free the slots no column points to any more.
+            used = torch.zeros(self.snapshots.shape[1], dtype=torch.bool,
+                               device=alpha.device)
+            used[self.ref[~cols]] = True
+            if bool(used.all()):
+                cols = None
+        if cols is None or self.snapshots is None:
             values = torch.empty(batch, m, self.size + 1, dtype=alpha.dtype,
                                  device=alpha.device)
             indices = torch.empty(batch, m, self.size + 1, dtype=torch.long,
@@ -204,18 +220,24 @@ class _WorkingSet:
             self.cidx = indices[..., :-1].contiguous()
             self.cC = self.CT.gather(2, self.cidx)
             self.out = values[..., -1].contiguous()
-            self.alpha_ref = alpha.clone()
+            self.snapshots = alpha.new_full((batch, _MAX_SNAPSHOTS, alpha.shape[1]),
+                                            torch.inf)
+            self.snapshots[:, 0] = alpha
+            self.ref = torch.zeros(batch, m, dtype=torch.long, device=alpha.device)
             return
+        self.n_partial += 1
+        slot = int(torch.nonzero(~used)[0])
+        self.snapshots[:, slot] = alpha
         bi, cj = cols.nonzero(as_tuple=True)
-        costs = self.CT[bi, cj]
-        top = (alpha[bi] - costs).topk(self.size + 1, dim=1)
-        rows = top.indices[:, :-1]
-        self.cidx[bi, cj] = rows
-        self.cC[bi, cj] = costs.gather(1, rows)
-        # Stored against alpha_ref: a bound at alpha_ref + d holds with
-        # max(d) once the drift of this refresh point is subtracted.
-        drift = (alpha - self.alpha_ref).amin(dim=1)
-        self.out[bi, cj] = top.values[:, -1] - drift[bi]
+        for start in range(0, bi.numel(), _REFRESH_BLOCK):
+            pb, pc = bi[start:start + _REFRESH_BLOCK], cj[start:start + _REFRESH_BLOCK]
+            costs = self.CT[pb, pc]
+            top = (alpha[pb] - costs).topk(self.size + 1, dim=1)
+            rows = top.indices[:, :-1]
+            self.cidx[pb, pc] = rows
+            self.cC[pb, pc] = costs.gather(1, rows)
+            self.out[pb, pc] = top.values[:, -1]
+        self.ref[bi, cj] = slot
 
     def __call__(self, alpha, gamma, k, floor=None):
         """``semi_dual_objective(alpha, a, b, C, gamma, k)``, from the working set.
@@ -225,11 +247,11 @@ class _WorkingSet:
         so the exact value is below ``floor`` too, and a line search that
         asks for at least ``floor`` rejects the point either way.
         """
-        if self.alpha_ref is None and self.size < self.CT.shape[2]:
+        if self.snapshots is None and self.size < self.CT.shape[2]:
             self._refresh(alpha)
         b = self.b
         scale = gamma * torch.where(b > 0, b, torch.ones_like(b))
-        for attempt in range(3):
+        for attempt in range(2):
             raw = (alpha.gather(1, self.cidx.flatten(1)).view_as(self.cC)
                    - self.cC)
             picked, pos = (raw / scale.unsqueeze(2)).topk(k, dim=2)
@@ -237,21 +259,20 @@ class _WorkingSet:
             inner = (picked * t).sum(dim=2) - 0.5 * (t * t).sum(dim=2)
             value = ((alpha * self.a).sum(dim=1)
                      - (gamma * b * b * inner).sum(dim=1))
-            # After a full refresh the bound is exact (the best outsider is
-            # at most the last candidate): no third check is needed.
-            if self.alpha_ref is None or attempt == 2:
+            # A refreshed column's bound is exact (its best outsider is at
+            # most its last candidate): one refresh settles every column.
+            if self.snapshots is None or attempt == 1:
                 break
-            drift = (alpha - self.alpha_ref).amax(dim=1, keepdim=True)
-            bound = (self.out + drift) / scale
+            # Unused slots hold +inf: alpha - inf never wins the max.
+            drift = (alpha.unsqueeze(1) - self.snapshots).amax(dim=2)
+            bound = (self.out + drift.gather(1, self.ref)) / scale
             fail = bound > torch.maximum(tau[..., 0], picked[..., -1])
             if floor is not None:
                 fail = fail & (value >= floor).unsqueeze(1)
             if not bool(fail.any()):
                 break
-            # Refresh the failing columns alone while they are few; the last
-            # attempt refreshes everything (then the bound is exact).
-            few = attempt == 0 and float(fail.to(alpha.dtype).mean()) < 0.25
-            self._refresh(alpha, fail if few else None)
+            most = float(fail.to(alpha.dtype).mean()) > _FULL_REFRESH_SHARE
+            self._refresh(alpha, None if most else fail)
         idx = self.cidx.gather(2, pos).transpose(1, 2)
         t = t.transpose(1, 2)
         rows = torch.zeros_like(alpha).scatter_add_(
