@@ -303,6 +303,13 @@ def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
     exact_primal = (exact * C).sum() + 0.5 * gamma * (exact ** 2).sum()
     assert res.primal_objective <= exact_primal + 1e-12
     assert res.duality_gap >= -1e-9
+    # Beyond its size limit the fallback is skipped and the miss is reported.
+    monkeypatch.setattr(_ot, "_EXACT_OT_MAX_ENTRIES", 40 * 40 - 1)
+    calls.clear()
+    with pytest.warns(ConvergenceWarning, match="misses the marginals"):
+        skipped = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert not calls and not skipped.repaired
+    assert skipped.marginal_error > 1e-3
 
 
 def test_binding_k_repaired_plan_has_exact_marginals_and_k_nonzeros():
