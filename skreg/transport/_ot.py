@@ -354,15 +354,14 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         stalls (see Notes), never on the objective change alone.
     repair : bool, default=True
         When the read-out misses ``tol``, solve the quadratically regularized
-        problem restricted to each column's top-``k`` rows; if that support
-        holds no feasible plan, to the rows the read-out gives mass; if that
-        fails too, to the rows of an exact OT plan (``ot.emd``) completed by
-        the best rows up to ``k``, which holds a feasible plan whenever no
-        column of the exact plan has more than ``k`` nonzeros (this last
-        fallback runs POT's ``ot.emd`` on the CPU, only up to ``n m = 1e7``
-        entries). An infeasible
-        support is detected at once: the dual value passes a weak-duality
-        bound.
+        problem restricted to each column's top-``k`` rows; if that solve
+        misses ``tol``, to the rows it gave mass; if that fails too, to the
+        rows of an exact OT plan (``ot.emd``) completed by the best rows up to
+        ``k`` (and then to the rows that solve gave mass), which holds a
+        feasible plan whenever no column of the exact plan has more than
+        ``k`` nonzeros. This last fallback runs POT's ``ot.emd`` on the CPU,
+        only up to ``n m = 1e7`` entries. An infeasible support is detected
+        at once: the dual value passes a weak-duality bound.
     device : str, torch.device or None, default=None
         Where to compute; ``None`` computes where ``C`` lives (the CPU for
         NumPy input). Results come back on the input's device.

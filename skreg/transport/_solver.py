@@ -520,7 +520,7 @@ def _newton_direction(rhs, idx, active, shift):
 
 def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
                       skip=None, upper=None, span=None):
-    """Semismooth Newton (Levenberg-Marquardt damped, Armijo line search).
+    """Semismooth Newton (constant diagonal shift, Armijo line search).
 
     ``evaluate(alpha)`` returns ``(value, grad, idx, t)`` as
     :func:`semi_dual_objective`. The generalized Hessian is ``-(1/gamma) L``
@@ -798,7 +798,7 @@ def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
 
     x0 = torch.zeros(a.shape[0], n + b.shape[1], dtype=a.dtype, device=a.device)
     x, n_iter, _ = _lbfgs(fun, x0, max_iter, tol, gamma * (n + b.shape[1]),
-                       patience=patience)
+                          patience=patience)
     alpha, beta = x[:, :n], x[:, n:]
     value, ga, gb, idx, vals = dual_objective(alpha, beta, a, b, C, gamma, k)
     err = _marginal_error(ga) + _marginal_error(gb)
