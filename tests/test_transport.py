@@ -114,6 +114,33 @@ def test_non_binding_k_near_unregularized_converges_to_exact_marginals():
     assert (np.count_nonzero(res.plan, axis=0) <= 10).all()
 
 
+def test_lbfgs_direction_is_the_bfgs_inverse_hessian_times_the_gradient():
+    # The compact form must equal H g with H built by the BFGS updates of the
+    # stored pairs, oldest first, from theta I (theta = s'y / y'y of the
+    # newest pair, or the given scale without pairs). Zero pairs are padding.
+    rng = np.random.RandomState(0)
+    batch, memory, n = 3, 10, 7
+    A = rng.randn(n, n)
+    A = A @ A.T + n * np.eye(n)
+    S = rng.randn(batch, memory, n)
+    Y = S @ A
+    S[1, :4] = Y[1, :4] = 0.0
+    S[2] = Y[2] = 0.0
+    g = rng.randn(batch, n)
+    d = _solver._lbfgs_direction(torch.as_tensor(g), torch.as_tensor(S),
+                                 torch.as_tensor(Y), 0.7).numpy()
+    for i in range(batch):
+        pairs = [(s, y) for s, y in zip(S[i], Y[i], strict=True) if s @ y > 0]
+        theta = pairs[-1][0] @ pairs[-1][1] / (pairs[-1][1] @ pairs[-1][1]) \
+            if pairs else 0.7
+        H = theta * np.eye(n)
+        for s, y in pairs:
+            rho = 1.0 / (s @ y)
+            V = np.eye(n) - rho * np.outer(y, s)
+            H = V.T @ H @ V + rho * np.outer(s, s)
+        np.testing.assert_allclose(d[i], H @ g[i], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_working_set_evaluations_equal_the_full_objective_along_a_path(k):
     # The working set keeps 2k or k + 16 rows per column (of 60 here) and

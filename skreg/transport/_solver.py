@@ -347,6 +347,36 @@ def _marginal_error(grad):
     return grad.abs().sum(dim=1)
 
 
+def _lbfgs_direction(grad, s_mem, y_mem, scale):
+    """``H grad`` for the L-BFGS inverse Hessian ``H`` of the stored pairs.
+
+    The compact form of Byrd, Nocedal and Schnabel (1994), with
+    ``H_0 = theta I`` (``theta = s'y / y'y`` of the newest pair, ``scale``
+    without pairs): a handful of batched matrix products in place of the
+    two-loop recursion's ``4 memory`` vector operations, which cost more
+    in Python overhead than in arithmetic (measured: L-BFGS's own time was
+    2.5 s of 6 s at n = 1000 where k binds). ``s_mem`` and ``y_mem`` are
+    ``(B, memory, n)``, oldest first, for the minimization of ``-f``; zero
+    pairs (padding) contribute nothing.
+    """
+    s_last, y_last = s_mem[:, -1], y_mem[:, -1]
+    sy = (s_last * y_last).sum(dim=1)
+    theta = torch.where(sy > 0, sy / (y_last * y_last).sum(dim=1).clamp(min=1e-300),
+                        scale).view(-1, 1, 1)
+    sy_all = s_mem @ y_mem.transpose(1, 2)
+    d = sy_all.diagonal(dim1=1, dim2=2)
+    # R: upper triangle of S'Y; a padding pair gets a unit diagonal.
+    r = torch.triu(sy_all) + torch.diag_embed((d <= 0).to(grad.dtype))
+    g = grad.unsqueeze(2)
+    u = torch.linalg.solve_triangular(r, s_mem @ g, upper=True)
+    w = (d.unsqueeze(2) * u + theta * (y_mem @ (y_mem.transpose(1, 2) @ u))
+         - theta * (y_mem @ g))
+    p = torch.linalg.solve_triangular(r.transpose(1, 2), w, upper=False)
+    step = (theta * g + s_mem.transpose(1, 2) @ p
+            - theta * (y_mem.transpose(1, 2) @ u))
+    return step.squeeze(2)
+
+
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
     """Batched L-BFGS maximization of a concave ``fun(x, floor) -> (value, grad)``.
 
@@ -372,24 +402,7 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
     done = _marginal_error(grad) <= tol
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is returned)
-        # Two-loop recursion on the negated (convex) problem.
-        q = -grad
-        rhos = (s_mem * y_mem).sum(dim=2)
-        # A zero pair (padding) is skipped.
-        rhos = torch.where(rhos > 0, 1.0 / rhos.clamp(min=1e-300), 0.0)
-        coefs = []
-        for j in reversed(range(s_mem.shape[1])):
-            c = rhos[:, j:j + 1] * (s_mem[:, j] * q).sum(dim=1, keepdim=True)
-            q = q - c * y_mem[:, j]
-            coefs.append(c)
-        s, y = s_mem[:, -1], y_mem[:, -1]
-        sy = (s * y).sum(dim=1, keepdim=True)
-        yy = (y * y).sum(dim=1, keepdim=True)
-        q = q * torch.where(sy > 0, sy / yy.clamp(min=1e-300), scale)
-        for j, c in zip(range(s_mem.shape[1]), reversed(coefs), strict=True):
-            q = q + s_mem[:, j] * (c - rhos[:, j:j + 1]
-                                   * (y_mem[:, j] * q).sum(dim=1, keepdim=True))
-        direction = -q
+        direction = _lbfgs_direction(grad, s_mem, y_mem, scale)
         slope = (grad * direction).sum(dim=1, keepdim=True)
         # A non-ascent direction (curvature lost at a kink): restart on the gradient.
         bad = slope <= 0
