@@ -362,19 +362,23 @@ def _lbfgs_direction(grad, s_mem, y_mem, scale):
     s_last, y_last = s_mem[:, -1], y_mem[:, -1]
     sy = (s_last * y_last).sum(dim=1)
     theta = torch.where(sy > 0, sy / (y_last * y_last).sum(dim=1).clamp(min=1e-300),
-                        scale).view(-1, 1, 1)
-    sy_all = s_mem @ y_mem.transpose(1, 2)
+                        scale).unsqueeze(1)
+    # Products as broadcast sums, not matmuls: a matrix-vector product takes
+    # another BLAS path for one problem than for a batch, and its rounding
+    # would make a batched solve differ from separate ones.
+    sy_all = (s_mem.unsqueeze(2) * y_mem.unsqueeze(1)).sum(dim=3)
     d = sy_all.diagonal(dim1=1, dim2=2)
     # R: upper triangle of S'Y; a padding pair gets a unit diagonal.
     r = torch.triu(sy_all) + torch.diag_embed((d <= 0).to(grad.dtype))
-    g = grad.unsqueeze(2)
-    u = torch.linalg.solve_triangular(r, s_mem @ g, upper=True)
-    w = (d.unsqueeze(2) * u + theta * (y_mem @ (y_mem.transpose(1, 2) @ u))
-         - theta * (y_mem @ g))
+    g = grad.unsqueeze(1)
+    u = torch.linalg.solve_triangular(r, (s_mem * g).sum(dim=2, keepdim=True),
+                                      upper=True)
+    yu = (y_mem * u).sum(dim=1, keepdim=True)
+    w = (d.unsqueeze(2) * u
+         + theta.unsqueeze(2) * ((y_mem * yu).sum(dim=2, keepdim=True)
+                                 - (y_mem * g).sum(dim=2, keepdim=True)))
     p = torch.linalg.solve_triangular(r.transpose(1, 2), w, upper=False)
-    step = (theta * g + s_mem.transpose(1, 2) @ p
-            - theta * (y_mem.transpose(1, 2) @ u))
-    return step.squeeze(2)
+    return theta * grad + (s_mem * p).sum(dim=1) - theta * yu.squeeze(1)
 
 
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
