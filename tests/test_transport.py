@@ -350,6 +350,32 @@ def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
     assert skipped.marginal_error > 1.0
 
 
+def test_newton_polish_stops_early_on_a_kink_and_keeps_its_best_iterate():
+    # k = 2 binds at this gamma: the dual maximum is a kink, no Newton step
+    # on the read-out supports is accepted at a useful length, and without
+    # the crawl test the line searches run for the whole patience.
+    a, b, C = _problem(n=40, seed=0)
+    gamma = 10.0 * np.median(C)
+    a_t, b_t, C_t = _t(a), _t(b), _t(C)
+    start = _solver.solve_semi_dual(a_t, b_t, C_t, gamma, 2, max_iter=60).alpha
+    runs = {}
+    for min_step in (None, _solver._NEWTON_MIN_STEP):
+        calls = []
+
+        def evaluate(x, calls=calls):
+            calls.append(1)
+            return semi_dual_objective(x, a_t, b_t, C_t, gamma, 2)
+
+        err0 = float(_solver._marginal_error(evaluate(start)[1])[0])
+        _, n_iter, best = _solver._newton_semi_dual(
+            evaluate, start, gamma, 100, 1e-12, patience=10, min_step=min_step)
+        runs[min_step] = (n_iter, len(calls), float(best[0]))
+        assert float(best[0]) <= err0
+    n_iter, evals, _ = runs[_solver._NEWTON_MIN_STEP]
+    assert n_iter <= 2 * _solver._NEWTON_CRAWL
+    assert evals < runs[None][1] / 3
+
+
 def test_binding_k_repaired_plan_has_exact_marginals_and_k_nonzeros():
     # A large gamma wants dense columns: k = 2 binds and the read-out alone
     # cannot meet both marginals.
