@@ -305,6 +305,39 @@ def test_k_one_approaches_exact_ot_as_gamma_vanishes():
     assert costs[1] <= costs[0] + 1e-12
 
 
+def test_k_one_dual_is_the_exact_ot_value_plus_the_constant_and_beats_pot():
+    # With one row per column the semi-dual is the exact OT dual plus
+    # (gamma/2) sum_j b_j^2: its maximum has that closed form (uneven masses,
+    # n != m). L-BFGS stalled 2.6e-3 below POT's value on this problem.
+    rng = np.random.RandomState(118)
+    a, b, C = _problem(n=12, m=16, seed=118)
+    a = rng.rand(12) + 0.5
+    a /= a.sum()
+    gamma = 5.0
+    res = sparsity_constrained_ot(a, b, C, 1, gamma, repair=False)
+    expected = ot.emd2(a, b, C) + 0.5 * gamma * (b * b).sum()
+    assert abs(res.dual_objective - expected) <= 1e-10 * (1 + expected)
+    pot_value = _quiet(semi_dual_obj_grad, res.alpha, a, b, C,
+                       SparsityConstrained(1, gamma))[0]
+    assert abs(pot_value - expected) <= 1e-10 * (1 + expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
+                        reg_type="sparsity_constrained", max_nz=1, log=True)
+    assert pot_value >= _quiet(semi_dual_obj_grad, log["alpha"], a, b, C,
+                               SparsityConstrained(1, gamma))[0] - 1e-12
+    assert np.count_nonzero(res.plan, axis=0).max() <= 1
+
+
+def test_too_few_nonzeros_for_the_rows_is_named_in_the_warning():
+    # 3 columns of at most 2 nonzeros cannot cover 8 rows with mass.
+    a, b, C = _problem(n=8, m=3, seed=1)
+    with pytest.warns(ConvergenceWarning, match=r"max_nz \* m = 6 nonzeros"):
+        res = sparsity_constrained_ot(a, b, C, 2, np.median(C))
+    assert res.marginal_error > 1e-3
+    assert np.count_nonzero(res.plan, axis=0).max() <= 2
+
+
 def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
     # The solver's supports are replaced by rows {0, 1} in every column: no
     # plan on them has the a-marginal, so the top-k solve and its positive

@@ -12,6 +12,9 @@ from sklearn.exceptions import ConvergenceWarning
 
 from skreg._device import resolve_device, to_numpy
 from skreg.transport._solver import (
+    SolverResult,
+    _beta_from_plan,
+    _marginal_error,
     dual_objective,
     semi_dual_objective,
     solve_dual,
@@ -217,6 +220,36 @@ def _errors(plan, a, b):
 _EXACT_OT_MAX_ENTRIES = 10**7
 
 
+def _emd(a, b, C):
+    """POT's network simplex on one problem: the exact plan and row potentials."""
+    import ot
+
+    plan, log = ot.emd(to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64),
+                       to_numpy(C).astype(np.float64), numItermax=10**7, log=True)
+    return plan, log["u"]
+
+
+def _solve_one_sparse(a, b, C, gamma, tol):
+    """The semi-dual for ``k = 1``, maximized exactly by the network simplex.
+
+    With one row per column, ``maxOmega`` is ``max_i z_i - 1/2``, so the
+    semi-dual is ``<alpha, a> - sum_j b_j max_i (alpha_i - C_ij) + (gamma/2)
+    sum_j b_j^2``: the exact OT dual in ``alpha`` (its c-transform in
+    ``beta``) plus a constant. The exact row potentials of ``ot.emd``
+    maximize it; L-BFGS on this polyhedral function stalls below the
+    maximum (measured: 2.6e-3 below POT's value on a 12 x 16 problem). The
+    read-out is the top-1 row of each column at those potentials.
+    """
+    alpha = torch.stack([torch.as_tensor(_emd(a[i], b[i], C[i])[1])
+                         for i in range(C.shape[0])]).to(C.device, C.dtype)
+    value, grad, idx, t = semi_dual_objective(alpha, a, b, C, gamma, 1)
+    vals = t * b.unsqueeze(1)
+    beta = _beta_from_plan(alpha, C, idx, vals, gamma)
+    n_iter = torch.zeros_like(value, dtype=torch.long)
+    return SolverResult(alpha, beta, idx, vals, value, n_iter,
+                        _marginal_error(grad) <= tol)
+
+
 def _exact_ot_support(a, b, C, idx, which):
     """Supports that admit a feasible plan: an exact OT plan's, topped up.
 
@@ -232,18 +265,13 @@ def _exact_ot_support(a, b, C, idx, which):
     idx : Tensor of shape (B, k, m)
     ok : bool Tensor of shape (B,)
     """
-    import ot
-
     batch, k, m = idx.shape
     idx_np = idx.cpu().numpy()
     out = idx_np.copy()
     ok = to_numpy(which).astype(bool)
     grid = np.arange(m)
     for i in np.nonzero(ok)[0]:
-        plan = ot.emd(to_numpy(a[i]).astype(np.float64),
-                      to_numpy(b[i]).astype(np.float64),
-                      to_numpy(C[i]).astype(np.float64), numItermax=10**7)
-        exact = plan > 0
+        exact = _emd(a[i], b[i], C[i])[0] > 0
         counts = exact.sum(axis=0)
         if counts.max() > k:
             ok[i] = False
@@ -411,7 +439,13 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     ``tol`` or stalls: for L-BFGS, the value rose by less than ``1e-12``
     relative over 10 iterations; for Newton, the best error fell by less
     than 1% over 10 iterations (a rise of the value counts as progress), or
-    not tenfold over 30, or the line search found no ascent.
+    not tenfold over 30, or three steps in a row were cut below 1/32 without
+    halving it (a kink), or the line search found no ascent.
+
+    With ``k = 1`` the semi-dual is the exact OT dual plus ``(gamma/2)
+    sum_j b_j^2``, a polyhedral function on which L-BFGS stalls; up to
+    ``n m = 1e7`` entries its maximizer is taken from POT's network simplex
+    (``ot.emd``'s row potentials) instead, and ``n_iter`` is 0.
 
     When the constraint binds, the maximum sits on a kink of the dual and no
     ``k``-sparse read-out has exact marginals; ``repair`` then returns a
@@ -478,7 +512,10 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
     tol_eff = max(tol, 100 * torch.finfo(C_t.dtype).eps)
     n = C_t.shape[1]
     with torch.no_grad():
-        if formulation == "semi_dual":
+        if (formulation == "semi_dual" and k == 1
+                and C_t.shape[1] * C_t.shape[2] <= _EXACT_OT_MAX_ENTRIES):
+            res = _solve_one_sparse(a_t, b_t, C_t, gamma, tol_eff)
+        elif formulation == "semi_dual":
             res = solve_semi_dual(a_t, b_t, C_t, gamma, k, max_iter=max_iter,
                                   tol=tol_eff)
         else:
@@ -498,11 +535,18 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
         binding = _binding(res.alpha, res.beta, a_t, b_t, C_t, gamma, k, formulation)
 
     if bool((err > tol_eff).any()):
+        n, m = C_t.shape[1:]
+        if k * m < n:
+            # Every row with mass needs a nonzero, and there are k m at most.
+            why = (f"no plan has these marginals: max_nz * m = {k * m} nonzeros "
+                   f"cannot cover the n = {n} rows with mass; raise max_nz.")
+        else:
+            why = ("increase max_iter or gamma, or max_nz if the chosen supports "
+                   "admit no feasible plan.")
         warnings.warn(
             f"sparsity_constrained_ot: the plan misses the marginals (L1 error "
             f"{float(err.max()):.2e} > tol={tol_eff:.1e}) after {int(res.n_iter.max())}"
-            " iterations; increase max_iter or gamma, or max_nz if the chosen "
-            "supports admit no feasible plan.",
+            f" iterations; {why}",
             ConvergenceWarning,
             stacklevel=4,
         )
