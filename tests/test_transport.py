@@ -409,39 +409,6 @@ def test_newton_polish_stops_early_on_a_kink_and_keeps_its_best_iterate():
     assert evals < runs[None][1] / 3
 
 
-def test_min_norm_hull_point():
-    # Two vectors: the closed form; three around the origin: the origin.
-    g1 = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
-    g2 = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
-    lam = float(((g2 - g1) @ g2) / ((g2 - g1) @ (g2 - g1)))
-    expected = lam * g1 + (1 - lam) * g2
-    got = _solver._min_norm_hull(torch.stack([g1, g2])[None], n_steps=2000)[0]
-    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-9)
-    ring = torch.tensor([[1.0, 0.0], [-0.5, 0.8], [-0.5, -0.8]], dtype=torch.float64)
-    assert float(_solver._min_norm_hull(ring[None], n_steps=2000).norm()) <= 1e-6
-
-
-def test_lbfgs_leaves_a_kink_where_no_step_along_its_direction_ascends():
-    # 16 rows, 6 columns of uneven masses, k = 3: the plan binds hard, and
-    # L-BFGS reached a point where 30 halvings found no ascent along its
-    # direction nor along the gradient (one piece's gradient descends on the
-    # other). It stopped 1.45e-3 below POT's value; gradient sampling across
-    # the kink finds an ascent direction there.
-    rng = np.random.RandomState(3)
-    xs, xt = rng.randn(16, 2), rng.randn(6, 2) + 1.0
-    a, b = rng.rand(16) + 0.5, rng.rand(6) + 0.5
-    a, b, C = a / a.sum(), b / b.sum(), ot.dist(xs, xt)
-    gamma = 100.0 * np.median(C)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = sparsity_constrained_ot(a, b, C, 3, gamma, repair=False)
-        _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
-                        reg_type="sparsity_constrained", max_nz=3, log=True)
-    pot = _quiet(semi_dual_obj_grad, log["alpha"], a, b, C,
-                 SparsityConstrained(3, gamma))[0]
-    assert res.dual_objective >= pot - 1e-9
-
-
 def test_binding_k_repaired_plan_has_exact_marginals_and_k_nonzeros():
     # A large gamma wants dense columns: k = 2 binds and the read-out alone
     # cannot meet both marginals.

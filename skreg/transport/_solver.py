@@ -381,46 +381,6 @@ def _lbfgs_direction(grad, s_mem, y_mem, scale):
     return theta * grad + (s_mem * p).sum(dim=1) - theta * yu.squeeze(1)
 
 
-# Gradients sampled across a kink before L-BFGS gives up on a point.
-_KINK_SAMPLES = 5
-
-
-def _min_norm_hull(grads, n_steps=200):
-    """The point of smallest norm in the convex hull of ``grads`` (``(B, r, n)``).
-
-    Projected gradient on the hull weights (Gram products as broadcast sums,
-    so a batch gives what separate problems would).
-    """
-    gram = (grads.unsqueeze(2) * grads.unsqueeze(1)).sum(dim=3)
-    lipschitz = gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True).clamp(min=1e-300)
-    weights = torch.full(grads.shape[:2], 1.0 / grads.shape[1], dtype=grads.dtype,
-                         device=grads.device)
-    for _ in range(n_steps):
-        moved = weights - (gram * weights.unsqueeze(1)).sum(dim=2) / lipschitz
-        weights = _project_sorted(moved.sort(dim=1, descending=True).values, 1)[1]
-        weights = (moved - weights).clamp(min=0.0)
-    return (weights.unsqueeze(2) * grads).sum(dim=1)
-
-
-def _armijo(fun, x, value, direction, slope, active):
-    """Backtracking from a unit step until ``value`` rises by ``1e-4 step slope``.
-
-    Up to 30 halvings; only the ``active`` problems (``(B, 1)``) count for
-    stopping. Returns ``(ok, step, new_x, new_value, new_grad)``, ``ok``
-    false for the inactive problems and those that never passed.
-    """
-    step = torch.ones_like(slope)
-    for _ in range(30):
-        new_x = x + step * direction
-        floor = value.unsqueeze(1) + 1e-4 * step * slope
-        new_value, new_grad = fun(new_x, floor.squeeze(1))
-        ok = new_value.unsqueeze(1) >= floor
-        if bool((ok | ~active).all()):
-            break
-        step = torch.where(ok, step, 0.5 * step)
-    return ok & active, step, new_x, new_value, new_grad
-
-
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
     """Batched L-BFGS maximization of a concave ``fun(x, floor) -> (value, grad)``.
 
@@ -452,36 +412,15 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
         bad = slope <= 0
         direction = torch.where(bad, grad * scale, direction)
         slope = (grad * direction).sum(dim=1, keepdim=True)
-        ok, step, new_x, new_value, new_grad = _armijo(fun, x, value, direction,
-                                                       slope, ~done.unsqueeze(1))
-        stuck = ~ok & ~done.unsqueeze(1)
-        if bool(stuck.any()):
-            # No ascent even at a 1e-9 step: x sits on a kink, where the
-            # gradient of one side descends on the other. Gradient sampling:
-            # the min-norm point of the hull of the gradients here and just
-            # across the kinks met so far is an ascent direction once the
-            # samples cover the pieces (measured: L-BFGS had stopped 4.6e-4
-            # below POT's value on an 18 x 8 problem, retrying one direction).
-            kinked = stuck.unsqueeze(2)
-            samples = [grad]
-            probe = step * direction
-            for _ in range(_KINK_SAMPLES):
-                samples.append(fun(x + probe, None)[1])
-                mix = _min_norm_hull(torch.stack(samples, dim=1))
-                found, mix_step, mix_x, mix_value, mix_grad = _armijo(
-                    fun, x, value, scale * mix,
-                    scale * (mix * mix).sum(dim=1, keepdim=True), stuck)
-                ok = ok | found
-                new_x = torch.where(found, mix_x, new_x)
-                new_value = torch.where(found.squeeze(1), mix_value, new_value)
-                new_grad = torch.where(found, mix_grad, new_grad)
-                stuck = stuck & ~found
-                if not bool(stuck.any()):
-                    break
-                probe = mix_step * scale * mix
-            # The curvature pairs describe the far side of the kink: drop them.
-            s_mem = torch.where(kinked, torch.zeros_like(s_mem), s_mem)
-            y_mem = torch.where(kinked, torch.zeros_like(y_mem), y_mem)
+        step = torch.ones_like(slope)
+        for _ in range(30):
+            new_x = x + step * direction
+            floor = value.unsqueeze(1) + 1e-4 * step * slope
+            new_value, new_grad = fun(new_x, floor.squeeze(1))
+            ok = new_value.unsqueeze(1) >= floor
+            if bool(ok.all()):
+                break
+            step = torch.where(ok, step, 0.5 * step)
         # Finished problems of a batch stay frozen, so a batch returns what
         # separate solves would.
         ok = ok & torch.isfinite(new_value).unsqueeze(1) & ~done.unsqueeze(1)
