@@ -359,9 +359,9 @@ def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
     calls = []
     original = _ot._exact_ot_support
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(_ot, "solve_semi_dual", crippled)
     monkeypatch.setattr(_ot, "_exact_ot_support", spy)
@@ -472,9 +472,9 @@ def test_batched_repairs_give_the_looped_plans(monkeypatch):
     calls = []
     original = _ot._exact_ot_support
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[-1].tolist())
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(_ot, "_exact_ot_support", spy)
     # A short budget keeps it quick; batched == looped holds at any budget.

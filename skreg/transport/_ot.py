@@ -240,17 +240,17 @@ def _solve_one_sparse(a, b, C, gamma, tol):
     maximum (measured: 2.6e-3 below POT's value on a 12 x 16 problem). The
     read-out is the top-1 row of each column at those potentials.
     """
-    alpha = torch.stack([torch.as_tensor(_emd(a[i], b[i], C[i])[1])
-                         for i in range(C.shape[0])]).to(C.device, C.dtype)
+    exact = [_emd(a[i], b[i], C[i]) for i in range(C.shape[0])]
+    alpha = torch.stack([torch.as_tensor(u) for _, u in exact]).to(C.device, C.dtype)
     value, grad, idx, t = semi_dual_objective(alpha, a, b, C, gamma, 1)
     vals = t * b.unsqueeze(1)
     beta = _beta_from_plan(alpha, C, idx, vals, gamma)
     n_iter = torch.zeros_like(value, dtype=torch.long)
     return SolverResult(alpha, beta, idx, vals, value, n_iter,
-                        _marginal_error(grad) <= tol)
+                        _marginal_error(grad) <= tol, [p for p, _ in exact])
 
 
-def _exact_ot_support(a, b, C, idx, which):
+def _exact_ot_support(a, b, C, idx, which, plans=None):
     """Supports that admit a feasible plan: an exact OT plan's, topped up.
 
     For each problem, the rows of each column in an exact (unregularized)
@@ -259,6 +259,7 @@ def _exact_ot_support(a, b, C, idx, which):
     plan by construction whenever no column of the exact plan has more than
     ``k`` nonzeros; ``ok`` is false for the problems where one has, and for
     those ``which`` leaves out (their ``idx`` is returned unchanged).
+    ``plans``, when given, are those exact plans (one per problem).
 
     Returns
     -------
@@ -271,7 +272,7 @@ def _exact_ot_support(a, b, C, idx, which):
     ok = to_numpy(which).astype(bool)
     grid = np.arange(m)
     for i in np.nonzero(ok)[0]:
-        exact = _emd(a[i], b[i], C[i])[0] > 0
+        exact = (plans[i] if plans is not None else _emd(a[i], b[i], C[i])[0]) > 0
         counts = exact.sum(axis=0)
         if counts.max() > k:
             ok[i] = False
@@ -311,7 +312,8 @@ def _repair(res, plan, a, b, C, gamma, err, tol):
         if base == "exact_ot":
             if C.shape[1] * C.shape[2] > _EXACT_OT_MAX_ENTRIES:
                 break
-            idx, todo = _exact_ot_support(a, b, C, res.idx, todo)
+            idx, todo = _exact_ot_support(a, b, C, res.idx, todo,
+                                          plans=res.exact_plans)
         for _ in range(2):
             alpha, vals, idx, _, _ = solve_on_support(a, b, C, gamma, idx, alpha,
                                                       mask=mask, tol=tol)

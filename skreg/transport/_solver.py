@@ -41,6 +41,9 @@ class SolverResult:
     dual_objective: torch.Tensor
     n_iter: torch.Tensor
     converged: torch.Tensor
+    # Exact OT plans (NumPy, one per problem) where the solve computed them,
+    # so that the repair's exact-OT fallback does not compute them again.
+    exact_plans: list = None
 
 
 def _project_sorted(v, dim):
