@@ -275,7 +275,7 @@ def test_newton_solvers_agree_on_the_support_laplacian(monkeypatch):
 @pytest.mark.parametrize("method", ["dense", "cg"])
 def test_the_gpu_newton_solvers_give_the_cpu_plan(monkeypatch, method):
     # End to end with the Newton system solved as on a GPU (dense Cholesky,
-    # or CG beyond 16,384 rows), on the CPU; the optimum is unique.
+    # or CG where the support is dense), on the CPU; the optimum is unique.
     a, b, C = _problem(n=150, seed=11)
     gamma = 0.1 * np.median(C)
     reference = sparsity_constrained_ot(a, b, C, 10, gamma)
@@ -284,6 +284,60 @@ def test_the_gpu_newton_solvers_give_the_cpu_plan(monkeypatch, method):
     assert reference.marginal_error <= 1e-9
     assert res.marginal_error <= 1e-9
     np.testing.assert_allclose(res.plan, reference.plan, atol=1e-9)
+
+
+def _count_graphed_steps(monkeypatch, capture):
+    """Route every L-BFGS run through _GraphedLbfgs; count its step outcomes."""
+    outcomes = []
+    original_step = _solver._GraphedLbfgs.step
+
+    def step(self):
+        outcomes.append(original_step(self))
+        return outcomes[-1]
+
+    def graphed(state, trial, scale):
+        return None if trial is None else _solver._GraphedLbfgs(state, trial, scale,
+                                                                capture=capture)
+
+    monkeypatch.setattr(_solver._GraphedLbfgs, "step", step)
+    monkeypatch.setattr(_solver, "_graphed", graphed)
+    return outcomes
+
+
+@pytest.mark.parametrize("k", [2, 10])
+def test_the_graphed_lbfgs_iteration_gives_the_eager_solve(monkeypatch, k):
+    # The fast path (unit step accepted, working set certified: commit) and
+    # its fallback (eager line search from the same direction) must replay
+    # the eager solver exactly; both paths must be taken. Run on the CPU
+    # with eager replays, the same control flow as the CUDA graphs.
+    a, b, C = _problem(n=120, seed=5)
+    gamma = 0.1 * np.median(C)
+    reference = sparsity_constrained_ot(a, b, C, k, gamma)
+    outcomes = _count_graphed_steps(monkeypatch, capture=False)
+    res = sparsity_constrained_ot(a, b, C, k, gamma)
+    assert sum(outcomes) > 0 and not all(outcomes)
+    assert int(res.n_iter) == int(reference.n_iter)
+    np.testing.assert_array_equal(res.alpha, reference.alpha)
+    np.testing.assert_array_equal(res.plan, reference.plan)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_eager_gpu_solve(monkeypatch):
+    # scatter_add_ sums in a nondeterministic order on CUDA, so two GPU runs
+    # differ in rounding and their iterates drift apart: compare optima
+    # (unique where k does not bind) rather than iterates.
+    a, b, C = (torch.as_tensor(x, device="cuda") for x in _problem(n=300, seed=5))
+    gamma = 0.1 * float(C.median())
+    monkeypatch.setattr(_solver, "_USE_CUDA_GRAPHS", False)
+    reference = sparsity_constrained_ot(a, b, C, 10, gamma)
+    monkeypatch.setattr(_solver, "_USE_CUDA_GRAPHS", True)
+    outcomes = _count_graphed_steps(monkeypatch, capture=True)
+    res = sparsity_constrained_ot(a, b, C, 10, gamma)
+    assert sum(outcomes) > len(outcomes) // 2  # the graphs did most steps
+    assert not bool(res.binding) and not bool(res.repaired)
+    assert float(res.marginal_error) <= 1e-9
+    torch.testing.assert_close(res.plan, reference.plan, rtol=0, atol=1e-9)
+    assert res.plan.device.type == "cuda"
 
 
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():

@@ -433,9 +433,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     fails are refreshed first, so the values are exact. A semismooth Newton
     method then polishes the potentials: its generalized Hessian is a graph
     Laplacian over the plan's support, factorized as a sparse bipartite
-    system (SciPy's SuperLU) on the CPU (conjugate gradients where the
-    support has more than 3 entries per row) and densely (conjugate gradients
-    beyond 16,384 rows) on a GPU, with a constant shift of ``1e-9`` that pins
+    system (SciPy's SuperLU, on the host; conjugate gradients where the
+    support has more than 3 entries per row), or, on a GPU up to 16,384 rows,
+    densely, with a constant shift of ``1e-9`` that pins
     its null directions. L-BFGS keeps its curvature pairs from one stage to
     the next. A phase stops when the marginal error reaches
     ``tol`` or stalls: for L-BFGS, the value rose by less than ``1e-12``

@@ -152,8 +152,13 @@ def dual_objective(alpha, beta, a, b, C, gamma, k, idx=None):
     return value, a - rows, b - vals.sum(dim=1), idx, vals
 
 
-# Columns per block when the working set is refreshed in full.
+# Columns per block when the working set is refreshed, on the CPU (the
+# block's scores stay in cache). On a GPU a block holds up to
+# _REFRESH_BLOCK_ENTRIES scores instead: there each block costs a few kernel
+# launches, and 128-column blocks made the refreshes 2.2 s of a 6.6 s solve
+# at n = 10,000 (H100).
 _REFRESH_BLOCK = 128
+_REFRESH_BLOCK_ENTRIES = 2 ** 24
 # Past potentials kept, so that each column is certified against its own
 # refresh and only the failing columns are refreshed.
 _MAX_SNAPSHOTS = 8
@@ -191,6 +196,9 @@ class _WorkingSet:
         self.CT = C.transpose(1, 2).contiguous()
         batch, m, n = self.CT.shape
         self.size = min(size, n)
+        self.block = _REFRESH_BLOCK
+        if C.device.type != "cpu":
+            self.block = max(_REFRESH_BLOCK, _REFRESH_BLOCK_ENTRIES // (batch * n))
         self.n_refresh = self.n_partial = 0
         self.snapshots = None
         if self.size == n:
@@ -215,25 +223,35 @@ class _WorkingSet:
                                   device=alpha.device)
             # Blocks of columns keep the (B, block, n) scores in cache: 1.5x
             # faster than one (B, m, n) pass at n = 3000 on the CPU.
-            for start in range(0, m, _REFRESH_BLOCK):
-                block = slice(start, start + _REFRESH_BLOCK)
+            for start in range(0, m, self.block):
+                block = slice(start, start + self.block)
                 top = (alpha.unsqueeze(1) - self.CT[:, block]).topk(
                     self.size + 1, dim=2)
                 values[:, block], indices[:, block] = top.values, top.indices
-            self.cidx = indices[..., :-1].contiguous()
-            self.cC = self.CT.gather(2, self.cidx)
-            self.out = values[..., -1].contiguous()
-            self.snapshots = alpha.new_full((batch, _MAX_SNAPSHOTS, alpha.shape[1]),
-                                            torch.inf)
+            if self.snapshots is None:
+                self.cidx = indices[..., :-1].contiguous()
+                self.cC = self.CT.gather(2, self.cidx)
+                self.out = values[..., -1].contiguous()
+                self.snapshots = alpha.new_empty(
+                    (batch, _MAX_SNAPSHOTS, alpha.shape[1]))
+                self.ref = torch.empty(batch, m, dtype=torch.long,
+                                       device=alpha.device)
+            else:
+                # In place: a captured CUDA graph (_GraphedLbfgs) reads these
+                # buffers at fixed addresses.
+                self.cidx.copy_(indices[..., :-1])
+                torch.gather(self.CT, 2, self.cidx, out=self.cC)
+                self.out.copy_(values[..., -1])
+            self.snapshots.fill_(torch.inf)
             self.snapshots[:, 0] = alpha
-            self.ref = torch.zeros(batch, m, dtype=torch.long, device=alpha.device)
+            self.ref.zero_()
             return
         self.n_partial += 1
         slot = int(torch.nonzero(~used)[0])
         self.snapshots[:, slot] = alpha
         bi, cj = cols.nonzero(as_tuple=True)
-        for start in range(0, bi.numel(), _REFRESH_BLOCK):
-            pb, pc = bi[start:start + _REFRESH_BLOCK], cj[start:start + _REFRESH_BLOCK]
+        for start in range(0, bi.numel(), self.block):
+            pb, pc = bi[start:start + self.block], cj[start:start + self.block]
             costs = self.CT[pb, pc]
             top = (alpha[pb] - costs).topk(self.size + 1, dim=1)
             rows = top.indices[:, :-1]
@@ -252,35 +270,66 @@ class _WorkingSet:
         """
         if self.snapshots is None and self.size < self.CT.shape[2]:
             self._refresh(alpha)
-        b = self.b
-        scale = gamma * torch.where(b > 0, b, torch.ones_like(b))
         for attempt in range(2):
-            raw = (alpha.gather(1, self.cidx.flatten(1)).view_as(self.cC)
-                   - self.cC)
-            picked, pos = (raw / scale.unsqueeze(2)).topk(k, dim=2)
-            t, tau = _project_sorted(picked, 2)
-            inner = (picked * t).sum(dim=2) - 0.5 * (t * t).sum(dim=2)
-            value = ((alpha * self.a).sum(dim=1)
-                     - (gamma * b * b * inner).sum(dim=1))
+            value, picked, pos, t, tau = self._evaluate(alpha, gamma, k)
             # A refreshed column's bound is exact (its best outsider is at
             # most its last candidate): one refresh settles every column.
             if self.snapshots is None or attempt == 1:
                 break
-            # Unused slots hold +inf: alpha - inf never wins the max.
-            drift = (alpha.unsqueeze(1) - self.snapshots).amax(dim=2)
-            bound = (self.out + drift.gather(1, self.ref)) / scale
-            fail = bound > torch.maximum(tau[..., 0], picked[..., -1])
-            if floor is not None:
-                fail = fail & (value >= floor).unsqueeze(1)
+            fail = self._uncertified(alpha, gamma, value, picked, tau, floor)
             if not bool(fail.any()):
                 break
             most = float(fail.to(alpha.dtype).mean()) > _FULL_REFRESH_SHARE
             self._refresh(alpha, None if most else fail)
+        grad, idx, t = self._gradient(alpha, pos, t)
+        return value, grad, idx, t
+
+    def trial(self, alpha, gamma, k, floor):
+        """``(value, grad, stale)`` from the working set as it stands.
+
+        No refresh and no host synchronization (so a CUDA graph can hold
+        it): ``stale`` (``(B,)``) flags the problems whose certificate
+        failed, for which ``value`` and ``grad`` may be wrong and
+        :meth:`__call__` must be asked instead.
+        """
+        value, picked, pos, t, tau = self._evaluate(alpha, gamma, k)
+        if self.snapshots is None:
+            stale = torch.zeros_like(value, dtype=torch.bool)
+        else:
+            stale = self._uncertified(alpha, gamma, value, picked, tau,
+                                      floor).any(dim=1)
+        return value, self._gradient(alpha, pos, t)[0], stale
+
+    def _scale(self, gamma):
+        b = self.b
+        return gamma * torch.where(b > 0, b, torch.ones_like(b))
+
+    def _evaluate(self, alpha, gamma, k):
+        """The objective on the candidates: value, top-k scores and projection."""
+        b = self.b
+        raw = alpha.gather(1, self.cidx.flatten(1)).view_as(self.cC) - self.cC
+        picked, pos = (raw / self._scale(gamma).unsqueeze(2)).topk(k, dim=2)
+        t, tau = _project_sorted(picked, 2)
+        inner = (picked * t).sum(dim=2) - 0.5 * (t * t).sum(dim=2)
+        value = (alpha * self.a).sum(dim=1) - (gamma * b * b * inner).sum(dim=1)
+        return value, picked, pos, t, tau
+
+    def _uncertified(self, alpha, gamma, value, picked, tau, floor):
+        """Columns whose candidates may miss a row of the exact top-k."""
+        # Unused slots hold +inf: alpha - inf never wins the max.
+        drift = (alpha.unsqueeze(1) - self.snapshots).amax(dim=2)
+        bound = (self.out + drift.gather(1, self.ref)) / self._scale(gamma)
+        fail = bound > torch.maximum(tau[..., 0], picked[..., -1])
+        if floor is not None:
+            fail = fail & (value >= floor).unsqueeze(1)
+        return fail
+
+    def _gradient(self, alpha, pos, t):
         idx = self.cidx.gather(2, pos).transpose(1, 2)
         t = t.transpose(1, 2)
         rows = torch.zeros_like(alpha).scatter_add_(
-            1, idx.flatten(1), (t * b.unsqueeze(1)).flatten(1))
-        return value, self.a - rows, idx, t
+            1, idx.flatten(1), (t * self.b.unsqueeze(1)).flatten(1))
+        return self.a - rows, idx, t
 
 
 def _laplacian_matvec(v, idx, active):
@@ -384,7 +433,158 @@ def _lbfgs_direction(grad, s_mem, y_mem, scale):
     return theta * grad + (s_mem * p).sum(dim=1) - theta * yu.squeeze(1)
 
 
-def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
+class _LbfgsState:
+    """The iterate of :func:`_lbfgs`, updated in place.
+
+    In place so that a captured CUDA graph (:class:`_GraphedLbfgs`) reads
+    and writes the same tensors as the eager steps between its replays.
+    """
+
+    def __init__(self, x, value, grad, pairs, memory, patience, tol):
+        self.x, self.value, self.grad = x.clone(), value.clone(), grad.clone()
+        if pairs is None:
+            shape = (x.shape[0], memory, x.shape[1])
+            pairs = (x.new_zeros(shape), x.new_zeros(shape))
+        self.s_mem, self.y_mem = pairs[0].clone(), pairs[1].clone()
+        self.done = _marginal_error(grad) <= tol
+        # The values of the last `patience` iterations, oldest first, and how
+        # many iterations have run.
+        self.history = value.new_zeros(x.shape[0], patience)
+        self.count = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.tol = tol
+
+    def direction(self, scale):
+        """An ascent direction and the slope along it."""
+        grad = self.grad
+        direction = _lbfgs_direction(grad, self.s_mem, self.y_mem, scale)
+        slope = (grad * direction).sum(dim=1, keepdim=True)
+        # A non-ascent direction (curvature lost at a kink): restart on the gradient.
+        bad = slope <= 0
+        direction = torch.where(bad, grad * scale, direction)
+        return direction, (grad * direction).sum(dim=1, keepdim=True)
+
+    def commit(self, new_x, new_value, new_grad, ok):
+        """Take the accepted trials (``ok``: ``(B, 1)``); update pairs and flags."""
+        # Finished problems of a batch stay frozen, so a batch returns what
+        # separate solves would.
+        ok = ok & torch.isfinite(new_value).unsqueeze(1) & ~self.done.unsqueeze(1)
+        x, grad = self.x, self.grad
+        new_x = torch.where(ok, new_x, x)
+        new_value = torch.where(ok.squeeze(1), new_value, self.value)
+        new_grad = torch.where(ok, new_grad, grad)
+        s, y = new_x - x, grad - new_grad
+        curved = ((s * y).sum(dim=1) > 1e-30).view(-1, 1, 1)
+        s_mem = torch.where(curved, torch.cat([self.s_mem[:, 1:], s.unsqueeze(1)], 1),
+                            self.s_mem)
+        y_mem = torch.where(curved, torch.cat([self.y_mem[:, 1:], y.unsqueeze(1)], 1),
+                            self.y_mem)
+        patience = self.history.shape[1]
+        # At a kink of the dual the error can wander for ever while the value
+        # is settled to rounding: that is the stall. The error itself often
+        # rises before it falls, so it cannot serve as the progress measure.
+        gained = new_value - self.history[:, 0]
+        flat = (self.count >= patience) & (gained <= 1e-12 * (1.0 + new_value.abs()))
+        history = torch.cat([self.history[:, 1:], new_value.unsqueeze(1)], 1)
+        done = self.done | (_marginal_error(new_grad) <= self.tol) | flat
+        for old, new in ((self.x, new_x), (self.value, new_value),
+                         (self.grad, new_grad), (self.s_mem, s_mem),
+                         (self.y_mem, y_mem), (self.history, history),
+                         (self.done, done)):
+            old.copy_(new)
+        self.count.add_(1)
+
+
+def _line_search(fun, state, direction, slope):
+    """Armijo backtracking from the unit step; returns the trials and ``ok``."""
+    step = torch.ones_like(slope)
+    for _ in range(30):
+        new_x = state.x + step * direction
+        floor = state.value.unsqueeze(1) + 1e-4 * step * slope
+        new_value, new_grad = fun(new_x, floor.squeeze(1))
+        ok = new_value.unsqueeze(1) >= floor
+        if bool(ok.all()):
+            break
+        step = torch.where(ok, step, 0.5 * step)
+    return new_x, new_value, new_grad, ok
+
+
+class _GraphedLbfgs:
+    """The common L-BFGS iteration as two CUDA graphs.
+
+    On a GPU the iteration is a few hundred tiny kernels, and launching them
+    one by one from Python costs far more than running them (measured on an
+    H100 at n = 3000: 117,000 launches, 2.2 s of host time for 0.3 s of GPU
+    time). The graphs replay, with one launch each, the iteration that
+    needs no host decision: the unit step accepted by every problem with
+    every column's candidate set still certified. ``try_step`` runs the
+    direction and that trial and reports, with one synchronization, whether
+    it is usable; ``commit`` takes it. Anything else (a rejected step, a
+    stale working set) falls back to the eager line search, from the same
+    direction, which runs exactly the same arithmetic.
+    """
+
+    def __init__(self, state, trial, scale, capture=True):
+        self.state = state
+        if not capture:
+            # The same control flow with eager replays (tests it on a CPU).
+            def replay_try():
+                self.trial_out = self._try(trial, scale)
+
+            self.replay_try = replay_try
+            self.replay_commit = lambda: state.commit(*self.trial_out[2:6])
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # Warm-up outside the capture (library handles, workspaces).
+            self._try(trial, scale)
+        torch.cuda.current_stream().wait_stream(stream)
+        try_graph, commit_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(try_graph):
+            self.trial_out = self._try(trial, scale)
+        with torch.cuda.graph(commit_graph):
+            state.commit(*self.trial_out[2:6])
+        self.replay_try, self.replay_commit = try_graph.replay, commit_graph.replay
+
+    def _try(self, trial, scale):
+        state = self.state
+        direction, slope = state.direction(scale)
+        new_x = state.x + direction
+        floor = state.value.unsqueeze(1) + 1e-4 * slope
+        new_value, new_grad, stale = trial(new_x, floor.squeeze(1))
+        ok = new_value.unsqueeze(1) >= floor
+        usable = ~(stale.any() | ~ok.all())
+        return direction, slope, new_x, new_value, new_grad, ok, usable
+
+    def step(self):
+        """Replay the unit-step trial; commit it and return True if usable."""
+        self.replay_try()
+        if not bool(self.trial_out[-1]):
+            return False
+        self.replay_commit()
+        return True
+
+    def direction(self):
+        """The direction and slope of the last trial (for the eager fallback)."""
+        return self.trial_out[0], self.trial_out[1]
+
+
+def _graphed(state, trial, scale):
+    """A :class:`_GraphedLbfgs`, or None off CUDA or where capture fails."""
+    if trial is None or state.x.device.type != "cuda" or not _USE_CUDA_GRAPHS:
+        return None
+    try:
+        return _GraphedLbfgs(state, trial, scale)
+    except RuntimeError:  # an operation that cannot be captured: stay eager
+        return None
+
+
+# CUDA graphs for the L-BFGS iteration on a GPU (off: every step eager).
+_USE_CUDA_GRAPHS = True
+
+
+def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
+           trial=None):
     """Batched L-BFGS maximization of a concave ``fun(x, floor) -> (value, grad)``.
 
     ``floor`` is ``None`` or the value a line-search trial must reach to be
@@ -399,63 +599,36 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None):
     so a problem of a batch sees the pairs it would see alone. ``pairs``
     (``(s, y)``, each ``(B, memory, n)``) starts from an earlier run's
     pairs. Returns ``(x, n_iter, pairs)``.
+
+    ``trial(x, floor) -> (value, grad, stale)``, when given, evaluates without
+    any host synchronization, flagging the problems where it cannot answer
+    (``stale``); on CUDA the iterations then run as graphs
+    (:class:`_GraphedLbfgs`).
     """
     value, grad = fun(x, None)
-    if pairs is None:
-        shape = (x.shape[0], memory, x.shape[1])
-        pairs = (x.new_zeros(shape), x.new_zeros(shape))
-    s_mem, y_mem = pairs
-    history = []
-    done = _marginal_error(grad) <= tol
+    state = _LbfgsState(x, value, grad, pairs, memory, patience, tol)
+    graphed = _graphed(state, trial, scale)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is returned)
-        direction = _lbfgs_direction(grad, s_mem, y_mem, scale)
-        slope = (grad * direction).sum(dim=1, keepdim=True)
-        # A non-ascent direction (curvature lost at a kink): restart on the gradient.
-        bad = slope <= 0
-        direction = torch.where(bad, grad * scale, direction)
-        slope = (grad * direction).sum(dim=1, keepdim=True)
-        step = torch.ones_like(slope)
-        for _ in range(30):
-            new_x = x + step * direction
-            floor = value.unsqueeze(1) + 1e-4 * step * slope
-            new_value, new_grad = fun(new_x, floor.squeeze(1))
-            ok = new_value.unsqueeze(1) >= floor
-            if bool(ok.all()):
+        if graphed is None:
+            direction, slope = state.direction(scale)
+        elif graphed.step():
+            if bool(state.done.all()):
                 break
-            step = torch.where(ok, step, 0.5 * step)
-        # Finished problems of a batch stay frozen, so a batch returns what
-        # separate solves would.
-        ok = ok & torch.isfinite(new_value).unsqueeze(1) & ~done.unsqueeze(1)
-        new_x = torch.where(ok, new_x, x)
-        new_value = torch.where(ok.squeeze(1), new_value, value)
-        new_grad = torch.where(ok, new_grad, grad)
-        s, y = new_x - x, grad - new_grad
-        curved = ((s * y).sum(dim=1) > 1e-30).view(-1, 1, 1)
-        s_mem = torch.where(curved, torch.cat([s_mem[:, 1:], s.unsqueeze(1)], 1),
-                            s_mem)
-        y_mem = torch.where(curved, torch.cat([y_mem[:, 1:], y.unsqueeze(1)], 1),
-                            y_mem)
-        x, value, grad = new_x, new_value, new_grad
-        err = _marginal_error(grad)
-        history.append(value)
-        if len(history) > patience:
-            gained = value - history.pop(0)
-            flat = gained <= 1e-12 * (1.0 + value.abs())
+            continue
         else:
-            flat = torch.zeros_like(err, dtype=torch.bool)
-        # At a kink of the dual the error can wander for ever while the value
-        # is settled to rounding: that is the stall. The error itself often
-        # rises before it falls, so it cannot serve as the progress measure.
-        done = done | (err <= tol) | flat
-        if bool(done.all()):
+            direction, slope = graphed.direction()
+        state.commit(*_line_search(fun, state, direction, slope))
+        if bool(state.done.all()):
             break
-    return x, n_iter, (s_mem, y_mem)
+    return state.x, n_iter, (state.s_mem, state.y_mem)
 
 
 # On a GPU, up to this many rows the Newton system is factorized densely
-# (cheap there); beyond, conjugate gradients. On the CPU it is always a sparse
-# LU factorization (SciPy's SuperLU) of the bipartite support graph.
+# (cheap there); beyond, and on the CPU, it is a sparse LU factorization
+# (SciPy's SuperLU, on the host) of the bipartite support graph. Measured on
+# an H100 at n = 10,000: 17 ms a solve dense, 32 ms sparse (host), 140 ms
+# with Jacobi CG (hundreds of eager steps).
 _DENSE_NEWTON_MAX_N = 16384
 # On the CPU, beyond this many support entries per row, CG instead of the
 # sparse LU. Measured (n = 1000): 1.1-1.5 entries per row, LU 2-4 ms and CG
@@ -508,14 +681,18 @@ def _sparse_solve(rhs, idx, active, shift):
             shape=(n + m, n + m))
         out[i] = spsolve(matrix, np.concatenate([rhs_np[i], np.zeros(m)]),
                          permc_spec="MMD_AT_PLUS_A")[:n]
-    return torch.from_numpy(out).to(dtype=rhs.dtype)
+    return torch.from_numpy(out).to(device=rhs.device, dtype=rhs.dtype)
 
 
 def _newton_method(device, n):
-    """``"sparse"`` (SciPy, CPU), ``"dense"`` (Cholesky) or ``"cg"``."""
-    if device.type == "cpu":
+    """``"sparse"`` (SciPy, on the host) or ``"dense"`` (Cholesky, on a GPU).
+
+    :func:`_newton_direction` turns ``"sparse"`` into ``"cg"`` where the
+    support is too dense for the LU factors.
+    """
+    if device.type == "cpu" or n > _DENSE_NEWTON_MAX_N:
         return "sparse"
-    return "dense" if n <= _DENSE_NEWTON_MAX_N else "cg"
+    return "dense"
 
 
 def _newton_direction(rhs, idx, active, shift):
@@ -796,9 +973,13 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
         # binds even with the slack k (large gamma, wide supports): more
         # iterations there only polish a kink the next stage leaves.
         budget = max_iter if last else min(max_iter, _STAGE_MAX_ITER)
+        def trial(x, floor, stage_gamma=stage_gamma, stage_k=stage_k):
+            return work.trial(x, stage_gamma, stage_k, floor)
+
         alpha, used, pairs = _lbfgs(fun, alpha, budget,
                                     max(tol, 1e-4 if last else _STAGE_TOL),
-                                    stage_gamma * n, patience=patience, pairs=pairs)
+                                    stage_gamma * n, patience=patience, pairs=pairs,
+                                    trial=trial)
         previous_gamma = stage_gamma
         n_iter += used
     _, grad, _, _ = work(alpha, gamma, k)
