@@ -27,6 +27,7 @@ from skreg.transport._solver import (
     _WorkingSet,
     dual_objective,
     semi_dual_objective,
+    solve_linear_on_support,
     solve_on_support,
 )
 
@@ -338,6 +339,80 @@ def test_cuda_graphs_give_the_eager_gpu_solve(monkeypatch):
     assert float(res.marginal_error) <= 1e-9
     torch.testing.assert_close(res.plan, reference.plan, rtol=0, atol=1e-9)
     assert res.plan.device.type == "cuda"
+
+
+def _support_problem():
+    # A quadratically regularized plan (k = n) and each column's 4 best rows
+    # at its potentials, of which 1-3 carry mass.
+    a, b, C = _problem(n=15, seed=7)
+    gamma = 0.5 * np.median(C)
+    ref = sparsity_constrained_ot(a, b, C, 15, gamma)
+    assert ref.marginal_error <= 1e-12
+    order = np.argsort(-(ref.alpha[:, None] - C), axis=0, kind="stable")[:4]
+    idx = torch.as_tensor(order).unsqueeze(0)
+    support = _t(ref.plan).view(1, 15, 15).gather(1, idx) > 0
+    return a, b, C, gamma, ref.plan, idx, support
+
+
+def _linear_plan(a, b, C, gamma, idx, active):
+    alpha, vals, err = solve_linear_on_support(
+        *(_t(x).view(1, *np.shape(x)) for x in (a, b, C)), gamma, idx, active,
+        torch.zeros(1, len(a), dtype=torch.float64))
+    plan = torch.zeros(1, len(a), C.shape[1], dtype=torch.float64)
+    return plan.scatter_(1, idx, vals)[0].numpy(), vals, float(err)
+
+
+def test_linear_support_solve_recovers_the_plan_of_its_support():
+    # The optimality conditions on the right support are a linear system:
+    # one solve from alpha = 0 gives the plan, with exact marginals.
+    a, b, C, gamma, P, idx, support = _support_problem()
+    assert 1 <= int(support.sum(dim=1).min()) and int(support.sum(dim=1).max()) < 4
+    plan, vals, err = _linear_plan(a, b, C, gamma, idx, support)
+    assert err <= 1e-12
+    np.testing.assert_allclose(plan, P, atol=1e-12)
+
+
+def test_linear_support_solve_drops_an_entry_that_comes_out_negative():
+    # Column 0's best row without mass, added to the support: the linear
+    # solve gives it a negative value, it leaves the support, and the plan
+    # of the true support comes back.
+    a, b, C, gamma, P, idx, support = _support_problem()
+    active = support.clone()
+    extra = int((~support[0, :, 0]).to(torch.int64).argmax())
+    active[0, extra, 0] = True
+    plan, vals, err = _linear_plan(a, b, C, gamma, idx, active)
+    assert float(vals[0, extra, 0]) == 0.0
+    assert float(vals.min()) >= 0.0
+    assert err <= 1e-12
+    np.testing.assert_allclose(plan, P, atol=1e-12)
+
+
+def test_repair_falls_back_to_linear_solves_when_newton_crawls(monkeypatch):
+    # With the repair's Newton solves held to no step (as where they crawl on
+    # a near-degenerate optimum), the linear solves on their positive support
+    # still return exact marginals.
+    a, b, C = _problem(n=40, seed=0)
+    gamma = 0.1 * np.median(C)
+    original = _ot.solve_on_support
+    calls = []
+
+    def stuck(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **{**kwargs, "max_iter": 0})
+
+    monkeypatch.setattr(_ot, "solve_on_support", stuck)
+    linear = []
+    original_linear = _ot.solve_linear_on_support
+    monkeypatch.setattr(_ot, "solve_linear_on_support",
+                        lambda *args, **kw: linear.append(1) or original_linear(
+                            *args, **kw))
+    res = sparsity_constrained_ot(a, b, C, 10, gamma, max_iter=10)
+    assert res.readout_marginal_error > 1e-6
+    assert calls and linear
+    assert res.repaired
+    assert res.marginal_error <= 1e-9
+    assert (res.plan >= 0).all()
+    assert np.count_nonzero(res.plan, axis=0).max() <= 10
 
 
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
