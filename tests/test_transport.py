@@ -673,6 +673,32 @@ def test_batched_problems_give_the_looped_results():
                                    rtol=1e-9)
 
 
+def test_a_finished_problem_does_not_hold_the_batch_line_search():
+    # Problem 0 is finished and its trial can never pass the Armijo test
+    # (its recorded value is above anything the function returns); problem 1
+    # accepts the unit step. The search must stop after one evaluation and
+    # take problem 1's step.
+    target = torch.ones(2, 3, dtype=torch.float64)
+    calls = []
+
+    def fun(x, floor):
+        calls.append(1)
+        diff = x - target
+        return -0.5 * (diff * diff).sum(dim=1), -diff
+
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    value, grad = fun(x, None)
+    state = _solver._LbfgsState(x, value, grad, None, 5, 10, 1e-12)
+    state.value[0] = 1e6
+    state.done[0] = True
+    calls.clear()
+    direction, slope = state.direction(1.0)
+    new_x, _, _, ok, step = _solver._line_search(fun, state, direction, slope)
+    assert len(calls) == 1
+    assert bool(ok.all()) and float(step[1]) == 1.0
+    torch.testing.assert_close(new_x[1], target[1])
+
+
 def test_lbfgs_trace_holds_the_last_iterates(monkeypatch):
     # A ring buffer of the last `trace` accepted iterates, per problem.
     rng = np.random.RandomState(3)
