@@ -341,6 +341,30 @@ def test_cuda_graphs_give_the_eager_gpu_solve(monkeypatch):
     assert res.plan.device.type == "cuda"
 
 
+@pytest.mark.gpu
+def test_cuda_graphs_run_full_bfgs_where_k_binds(monkeypatch):
+    # The last stage of a small binding problem runs full BFGS and traces its
+    # iterates inside the captured graphs: it must reach POT's dual, as the
+    # eager CPU solve does (test_full_bfgs_reaches_pots_dual_where_k_binds_hard),
+    # with the graphs taking steps.
+    a, b, C = _hard_binding_problem(16, 8, seed=2)
+    k, gamma = 3, 100.0 * float(np.median(C))
+    _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
+                    reg_type="sparsity_constrained", max_nz=k, log=True)
+    regul = SparsityConstrained(k, gamma)
+    pot = _quiet(semi_dual_obj_grad, log["alpha"], a, b, C, regul)[0]
+    outcomes = _count_graphed_steps(monkeypatch, capture=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = sparsity_constrained_ot(*(torch.as_tensor(x, device="cuda")
+                                        for x in (a, b, C)), k, gamma)
+    assert any(outcomes)
+    ours = _quiet(semi_dual_obj_grad, res.alpha.cpu().numpy(), a, b, C, regul)[0]
+    assert bool(res.binding)
+    assert ours >= pot
+    assert int((res.plan > 0).sum(dim=0).max()) <= k
+
+
 def _support_problem():
     # A quadratically regularized plan (k = n) and each column's 4 best rows
     # at its potentials, of which 1-3 carry mass.
