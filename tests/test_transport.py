@@ -347,19 +347,14 @@ def test_cuda_graphs_run_full_bfgs_where_k_binds(monkeypatch):
     # iterates inside the captured graphs: it must reach POT's dual, as the
     # eager CPU solve does (test_full_bfgs_reaches_pots_dual_where_k_binds_hard),
     # with the graphs taking steps.
-    a, b, C = _hard_binding_problem(16, 8, seed=2)
-    k, gamma = 3, 100.0 * float(np.median(C))
-    _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
-                    reg_type="sparsity_constrained", max_nz=k, log=True)
-    regul = SparsityConstrained(k, gamma)
-    pot = _quiet(semi_dual_obj_grad, log["alpha"], a, b, C, regul)[0]
+    a, b, C, k, gamma, dual, pot = _hard_binding_case()
     outcomes = _count_graphed_steps(monkeypatch, capture=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         res = sparsity_constrained_ot(*(torch.as_tensor(x, device="cuda")
                                         for x in (a, b, C)), k, gamma)
     assert any(outcomes)
-    ours = _quiet(semi_dual_obj_grad, res.alpha.cpu().numpy(), a, b, C, regul)[0]
+    ours = dual(res.alpha.cpu().numpy())
     assert bool(res.binding)
     assert ours >= pot
     assert int((res.plan > 0).sum(dim=0).max()) <= k
@@ -634,20 +629,33 @@ def _hard_binding_problem(n, m, seed):
     return a / a.sum(), b / b.sum(), ot.dist(xs, xt)
 
 
-def test_full_bfgs_reaches_pots_dual_where_k_binds_hard():
-    # k = 3 of 16 rows over 8 columns at a large gamma: the dual maximum is a
-    # kink in most columns. L-BFGS stalled 2.0e-4 (relative) below POT's
-    # value here; full BFGS, on this small n, passes it (checked both).
+def _hard_binding_case():
+    """16 x 8, k = 3, gamma = 100 median(C): POT's semi-dual objective and optimum.
+
+    Returns ``(a, b, C, k, gamma, dual, pot)``: ``dual(alpha)`` is POT's own
+    objective, ``pot`` its value at POT's potentials.
+    """
     a, b, C = _hard_binding_problem(16, 8, seed=2)
     k, gamma = 3, 100.0 * float(np.median(C))
     _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
                     reg_type="sparsity_constrained", max_nz=k, log=True)
     regul = SparsityConstrained(k, gamma)
-    pot = _quiet(semi_dual_obj_grad, log["alpha"], a, b, C, regul)[0]
+
+    def dual(alpha):
+        return _quiet(semi_dual_obj_grad, alpha, a, b, C, regul)[0]
+
+    return a, b, C, k, gamma, dual, dual(log["alpha"])
+
+
+def test_full_bfgs_reaches_pots_dual_where_k_binds_hard():
+    # k = 3 of 16 rows over 8 columns at a large gamma: the dual maximum is a
+    # kink in most columns. L-BFGS stalled 2.0e-4 (relative) below POT's
+    # value here; full BFGS, on this small n, passes it (checked both).
+    a, b, C, k, gamma, dual, pot = _hard_binding_case()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         res = sparsity_constrained_ot(a, b, C, k, gamma)
-    ours = _quiet(semi_dual_obj_grad, res.alpha, a, b, C, regul)[0]
+    ours = dual(res.alpha)
     assert res.binding
     assert ours >= pot
     assert np.count_nonzero(res.plan, axis=0).max() <= k
