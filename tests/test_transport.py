@@ -744,6 +744,35 @@ def test_each_problem_runs_its_own_line_search():
         torch.testing.assert_close(x[i], target[i], rtol=0, atol=1e-9)
 
 
+def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
+        monkeypatch):
+    # Token routing: 12 groups of 6 experts x 24 tokens, k = 2. Their last
+    # stages take different numbers of iterations, so the rounds go on with
+    # the running problems alone (on the CPU); every problem must still get
+    # exactly what it gets alone, repair included.
+    rng = np.random.RandomState(6)
+    C = -np.einsum("gnd,gmd->gnm", rng.randn(12, 6, 8), rng.randn(12, 24, 8)) / 3
+    C -= C.min(axis=(1, 2), keepdims=True)
+    a, b = np.full((12, 6), 1 / 6), np.full((12, 24), 1 / 24)
+    gamma = float(np.median(C))
+    sizes = []
+    original = _solver._LbfgsState.subset
+
+    def spy(self, rows):
+        sizes.append((self.x.shape[0], rows.numel()))
+        return original(self, rows)
+
+    monkeypatch.setattr(_solver._LbfgsState, "subset", spy)
+    batched = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert sizes and all(kept <= size // 2 for size, kept in sizes)
+    assert batched.binding.any() and (batched.marginal_error <= 1e-9).all()
+    for g in range(12):
+        single = sparsity_constrained_ot(a[g], b[g], C[g], 2, gamma)
+        np.testing.assert_array_equal(batched.plan[g], single.plan)
+        np.testing.assert_array_equal(batched.alpha[g], single.alpha)
+        assert int(batched.n_iter[g]) == int(single.n_iter)
+
+
 def test_lbfgs_trace_holds_each_problems_last_iterates(monkeypatch):
     # A ring buffer of the last `trace` accepted iterates per problem, slot
     # (its iteration count) % trace; the two problems run different numbers

@@ -213,6 +213,27 @@ class _WorkingSet:
             self.cidx = torch.arange(n, device=C.device).expand(batch, m, n)
             self.cC = self.CT
 
+    # The per-problem state: indexed along the batch by subset() and absorb().
+    _BATCHED = ("a", "b", "CT", "cidx", "cC", "out", "snapshots", "ref")
+
+    def subset(self, rows):
+        """The working set of the problems ``rows`` alone (a copy)."""
+        sub = object.__new__(_WorkingSet)
+        sub.__dict__.update(self.__dict__)
+        for name in self._BATCHED:
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(sub, name, value[rows])
+        return sub
+
+    def absorb(self, rows, sub):
+        """Take back the state of ``sub`` (from ``subset(rows)``) for ``rows``."""
+        self.n_refresh, self.n_partial = sub.n_refresh, sub.n_partial
+        if self.snapshots is None:
+            return
+        for name in ("cidx", "cC", "out", "snapshots", "ref"):
+            getattr(self, name)[rows] = getattr(sub, name)
+
     def _refresh(self, alpha, cols=None):
         self.n_refresh += 1
         batch, m, _ = self.CT.shape
@@ -632,6 +653,29 @@ class _LbfgsState:
                          (self.done, done), (self.step, step), (self.count, count)):
             old.copy_(new)
 
+    # The per-problem state: indexed along the batch by subset() and absorb().
+    _BATCHED = ("x", "value", "grad", "s_mem", "y_mem", "hess", "full", "step",
+                "trial_step", "search", "slope", "tries", "fresh", "trace", "done",
+                "history", "count")
+
+    def subset(self, rows):
+        """The state of the problems ``rows`` alone (a copy)."""
+        sub = object.__new__(_LbfgsState)
+        sub.__dict__.update(self.__dict__)
+        for name in self._BATCHED:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(sub, name, value[rows])
+        if sub.full is not None:
+            sub.all_full = bool(sub.full.all())
+        return sub
+
+    def absorb(self, rows, sub):
+        """Take back the state of ``sub`` (from ``subset(rows)``) for ``rows``."""
+        for name in self._BATCHED:
+            if getattr(self, name) is not None:
+                getattr(self, name)[rows] = getattr(sub, name)
+
     def traced(self):
         """The traced iterates, ``(B, T, n)``, and which are real (``(B, T)``).
 
@@ -759,8 +803,35 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     value, grad = fun(x, None)
     state = _LbfgsState(x, value, grad, pairs, memory, patience, tol, full=full,
                         scale=scale, trace=trace, max_iter=max_iter)
+    _lbfgs_rounds(state, fun, trial, scale, max(max_iter, 0) * _MAX_TRIES)
+    traced = state.traced() if trace else None
+    return state.x, state.count.clone(), (state.s_mem, state.y_mem), traced
+
+
+# On the CPU, once at most this share of a batch of at least _COMPACT_MIN
+# problems is still running, the rounds go on with those problems alone
+# (see _lbfgs_rounds).
+_COMPACT_SHARE = 0.5
+_COMPACT_MIN = 4
+
+
+def _lbfgs_rounds(state, fun, trial, scale, rounds):
+    """Run up to ``rounds`` rounds of :class:`_LbfgsState` on ``fun``.
+
+    On the CPU, where a round costs in proportion to the batch, the
+    finished problems are retired: once at most ``_COMPACT_SHARE`` of the
+    batch is running and ``fun`` can be restricted to some problems (it has
+    ``subset(rows)`` and ``absorb(rows, sub)``, as :class:`_StageObjective`),
+    the rounds continue on the running problems alone and their state is
+    written back at the end. Each problem's arithmetic is unchanged (a batch
+    still returns what separate solves would). Measured on 512 routing
+    problems of 8 x 64, k = 2: the last stage's iterations per problem had
+    a median of 3 and a maximum of 97.
+    """
     graphed = _graphed(state, trial, scale)
-    for _ in range(max(max_iter, 0) * _MAX_TRIES):
+    compact = (state.x.device.type == "cpu" and hasattr(fun, "subset")
+               and state.x.shape[0] >= _COMPACT_MIN)
+    for used in range(rounds):
         if graphed is not None:
             outcome = graphed.step()
             if outcome == "finished":
@@ -769,11 +840,18 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
                 continue
         elif bool(state.done.all()):
             break
+        elif compact:
+            running = ~state.done
+            if int(running.sum()) <= _COMPACT_SHARE * state.x.shape[0]:
+                rows = torch.nonzero(running).squeeze(1)
+                sub_state, sub_fun = state.subset(rows), fun.subset(rows)
+                _lbfgs_rounds(sub_state, sub_fun, None, scale, rounds - used)
+                state.absorb(rows, sub_state)
+                fun.absorb(rows, sub_fun)
+                break
         state.prepare(scale)
         new_x, floor = state.trial_point()
         state.advance(new_x, *fun(new_x, floor), floor)
-    traced = state.traced() if trace else None
-    return state.x, state.count.clone(), (state.s_mem, state.y_mem), traced
 
 
 # On a GPU, up to this many rows the Newton system is factorized densely
@@ -799,6 +877,8 @@ _NEWTON_WINDOW = 30
 # _NEWTON_MIN_STEP that did not halve its error (see _newton_semi_dual).
 _NEWTON_CRAWL = 3
 _NEWTON_MIN_STEP = 1.0 / 32
+# Trials per Newton line search.
+_NEWTON_TRIES = 20
 
 
 def _sparse_solve(rhs, idx, active, shift):
@@ -871,6 +951,20 @@ def _newton_direction(rhs, idx, active, shift):
                                rtol=1e-3)
 
 
+def _start_newton_search(rows, gamma, grad, sel, t, span, direction, slope, step):
+    """Newton directions, slopes and first steps for ``rows``, written in place."""
+    shift = torch.full((rows.numel(), 1), _NEWTON_SHIFT, dtype=grad.dtype,
+                       device=grad.device)
+    new_dir = _newton_direction(gamma * grad[rows], sel[rows], t[rows] > 0, shift)
+    first = torch.ones_like(new_dir[:, 0])
+    if span is not None:
+        first = torch.clamp(span[rows] / new_dir.abs().amax(dim=1).clamp(min=1e-300),
+                            max=1.0)
+    direction[rows] = new_dir
+    slope[rows] = (grad[rows] * new_dir).sum(dim=1)
+    step[rows] = first
+
+
 def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
                       skip=None, upper=None, span=None, min_step=None):
     """Semismooth Newton (constant diagonal shift, Armijo line search).
@@ -914,49 +1008,64 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
     best_alpha, best_err = alpha, err
     since_best = torch.zeros_like(err, dtype=torch.long)
     crawl = torch.zeros_like(since_best)
-    bests = []
     if skip is not None:
         since_best = torch.where(skip, patience, since_best)
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        finished = (err <= tol) | (since_best >= patience)
-        if len(bests) == _NEWTON_WINDOW:
+    # Each problem runs its own line search (as in _LbfgsState): a round
+    # evaluates every problem once at its own trial step; a problem whose
+    # search ends takes its iteration and gets a new direction, the others
+    # halve their steps. Measured on 512 routing problems of 8 x 64, k = 2:
+    # in lockstep the polish took 241 evaluations, every search as long as
+    # the batch's longest.
+    n_iter = torch.zeros_like(since_best)
+    # Each problem's best error after each of its last _NEWTON_WINDOW
+    # iterations (slot: iteration % window).
+    window = torch.full((err.shape[0], _NEWTON_WINDOW), torch.inf, dtype=err.dtype,
+                        device=err.device)
+    finished = torch.zeros_like(err, dtype=torch.bool)
+    fresh = torch.ones_like(finished)
+    direction = torch.zeros_like(alpha)
+    slope, step = torch.zeros_like(err), torch.ones_like(err)
+    tries = torch.zeros_like(since_best)
+    for _ in range(max(max_iter, 0) * _NEWTON_TRIES + 1):
+        if bool(fresh.any()):
+            stop = (err <= tol) | (since_best >= patience) | (n_iter >= max_iter)
             # Once its supports are right Newton gains decades in a few
             # steps; a window without one means it wanders on a kink.
-            finished = finished | (best_err > 0.1 * bests.pop(0))
-        if upper is not None:
-            finished = finished | (value > upper)
-        finished = finished | (crawl >= _NEWTON_CRAWL)
-        if bool(finished.all()):
-            n_iter -= 1
-            break
-        shift = torch.full_like(err, _NEWTON_SHIFT).unsqueeze(1)
-        direction = _newton_direction(gamma * grad, sel, t > 0, shift)
-        slope = (grad * direction).sum(dim=1)
-        step = torch.ones_like(value)
-        if span is not None:
-            step = torch.clamp(span / direction.abs().amax(dim=1).clamp(min=1e-300),
-                               max=1.0)
-        for _ in range(20):
-            new_alpha = alpha + step.unsqueeze(1) * direction
-            new_value, new_grad, new_sel, new_t = evaluate(new_alpha)
-            # Near the optimum the predicted rise is below the rounding of
-            # the value, and comparing values accepts noise (measured: steps
-            # of 1e-5 accepted for a rise of 2e-14 while the error stayed at
-            # 7e-7). There the error itself must fall; elsewhere a fall of
-            # the error at an unchanged value is progress too.
-            resolvable = slope > 1e-10 * (1.0 + value.abs())
-            falls = _marginal_error(new_grad) < (1.0 - 1e-4 * step) * err
-            armijo = new_value >= value + 1e-4 * step * slope
-            flat = new_value >= value - 1e-13 * (1.0 + value.abs())
-            ok = torch.where(resolvable, armijo | (flat & falls), falls)
-            if bool(ok.all()):
+            oldest = window.gather(1, (n_iter % _NEWTON_WINDOW).unsqueeze(1))[:, 0]
+            stop = stop | ((n_iter >= _NEWTON_WINDOW) & (best_err > 0.1 * oldest))
+            if upper is not None:
+                stop = stop | (value > upper)
+            stop = stop | (crawl >= _NEWTON_CRAWL)
+            finished = finished | (fresh & stop)
+            if bool(finished.all()):
                 break
-            step = torch.where(ok, step, 0.5 * step)
-        ok = ok & ~finished
+            # New directions for the problems that start a search, solved
+            # for those alone.
+            rows = torch.nonzero(fresh & ~finished).squeeze(1)
+            if rows.numel() > 0:
+                _start_newton_search(rows, gamma, grad, sel, t, span, direction,
+                                     slope, step)
+                tries[rows] = 0
+        new_alpha = alpha + step.unsqueeze(1) * direction
+        new_value, new_grad, new_sel, new_t = evaluate(new_alpha)
+        new_err = _marginal_error(new_grad)
+        # Near the optimum the predicted rise is below the rounding of
+        # the value, and comparing values accepts noise (measured: steps
+        # of 1e-5 accepted for a rise of 2e-14 while the error stayed at
+        # 7e-7). There the error itself must fall; elsewhere a fall of
+        # the error at an unchanged value is progress too.
+        resolvable = slope > 1e-10 * (1.0 + value.abs())
+        falls = new_err < (1.0 - 1e-4 * step) * err
+        armijo = new_value >= value + 1e-4 * step * slope
+        flat = new_value >= value - 1e-13 * (1.0 + value.abs())
+        ok = torch.where(resolvable, armijo | (flat & falls), falls)
+        tries = tries + 1
+        ends = (ok | (tries >= _NEWTON_TRIES)) & ~finished
+        ok = ok & ends
         if min_step is not None:
-            halved = _marginal_error(new_grad) <= 0.5 * err
-            crawl = torch.where(ok & (step < min_step) & ~halved, crawl + 1, 0)
+            halved = new_err <= 0.5 * err
+            crawl = torch.where(ends, torch.where(ok & (step < min_step) & ~halved,
+                                                  crawl + 1, 0), crawl)
         keep = ok.unsqueeze(1)
         alpha = torch.where(keep, new_alpha, alpha)
         value = torch.where(ok, new_value, value)
@@ -971,11 +1080,18 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
         improved = (err < best_err * (1 - 1e-2)) | (ok & resolvable & armijo)
         best_alpha = torch.where((err < best_err).unsqueeze(1), alpha, best_alpha)
         best_err = torch.minimum(err, best_err)
-        bests.append(best_err)
-        since_best = torch.where(improved, 0, since_best + 1)
+        window.scatter_(1, (n_iter % _NEWTON_WINDOW).unsqueeze(1),
+                        torch.where(ends, best_err, window.gather(
+                            1, (n_iter % _NEWTON_WINDOW).unsqueeze(1))[:, 0]
+                        ).unsqueeze(1))
         # No ascent even at a 1e-6 step: the Newton model is wrong here (a
         # kink), and more steps would only repeat the failed search.
-        since_best = torch.where(ok | finished, since_best, patience)
+        since_best = torch.where(
+            ends, torch.where(ok, torch.where(improved, 0, since_best + 1), patience),
+            since_best)
+        n_iter = n_iter + ends.to(n_iter.dtype)
+        step = torch.where(ends, step, 0.5 * step)
+        fresh = ends
     return best_alpha, n_iter, best_err
 
 
@@ -1116,6 +1232,29 @@ def _coarse_start(a, b, C, gamma, k, size, max_iter):
     return -(level * tau)[..., 0]
 
 
+class _StageObjective:
+    """One stage's semi-dual on a working set, as :func:`_lbfgs` calls it.
+
+    ``fun(x, floor) -> (value, grad)``, ``trial`` (see :func:`_lbfgs`), and
+    the restriction to some problems of the batch (:func:`_lbfgs_rounds`).
+    """
+
+    def __init__(self, work, gamma, k):
+        self.work, self.gamma, self.k = work, gamma, k
+
+    def __call__(self, x, floor):
+        return self.work(x, self.gamma, self.k, floor)[:2]
+
+    def trial(self, x, floor):
+        return self.work.trial(x, self.gamma, self.k, floor)
+
+    def subset(self, rows):
+        return _StageObjective(self.work.subset(rows), self.gamma, self.k)
+
+    def absorb(self, rows, sub):
+        self.work.absorb(rows, sub.work)
+
+
 def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
     """Maximize the sparsity-constrained semi-dual.
 
@@ -1168,9 +1307,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
             # 698 -> 347 where k binds (n = 1000, d = 10, k = 2).
             pairs = (pairs[0], pairs[1] * (previous_gamma / stage_gamma))
 
-        def fun(x, floor, stage_gamma=stage_gamma, stage_k=stage_k):
-            return work(x, stage_gamma, stage_k, floor)[:2]
-
+        fun = _StageObjective(work, stage_gamma, stage_k)
         # The first step, stage_gamma * n * grad, moves the potentials on the
         # scale of the costs: the Hessian is about L / gamma with L a
         # Laplacian of O(1) entries, gradient entries of the order of masses.
@@ -1179,9 +1316,6 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
         # binds even with the slack k (large gamma, wide supports): more
         # iterations there only polish a kink the next stage leaves.
         budget = max_iter if last else min(max_iter, _STAGE_MAX_ITER)
-        def trial(x, floor, stage_gamma=stage_gamma, stage_k=stage_k):
-            return work.trial(x, stage_gamma, stage_k, floor)
-
         full, trace = None, 0
         if last and stage_k < slack:
             binds = _binds(work(alpha, stage_gamma, slack)[3], k)
@@ -1191,7 +1325,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
                 trace = _AVERAGE_ITERATES
         alpha, used, pairs, traced = _lbfgs(
             fun, alpha, budget, max(tol, 1e-4 if last else _STAGE_TOL),
-            stage_gamma * n, patience=patience, pairs=pairs, trial=trial,
+            stage_gamma * n, patience=patience, pairs=pairs, trial=fun.trial,
             full=full, trace=trace)
         previous_gamma = stage_gamma
         n_iter += used
