@@ -337,16 +337,13 @@ def _repair(res, plan, a, b, C, gamma, err, tol, binding):
     # Where k does not bind, the first plan found is the optimum.
     try_all = binding & (C.shape[1] * C.shape[2] <= _TRY_ALL_SUPPORTS_ENTRIES)
     bases = ["top_k"] + (["averaged"] if res.averaged_support is not None else [])
-    averaged = None
+    fill = res.idx
     for base in bases + ["exact_ot"]:
         todo = broken & ~(repaired & ~try_all)
         if not bool(todo.any()):
             continue
-        idx, alpha, mask = res.idx, res.alpha, None
-        if base == "averaged":
-            averaged = res.averaged_support()
-            idx, mask = averaged
-        elif base == "exact_ot":
+        idx, mask = res.idx, None
+        if base == "exact_ot":
             if C.shape[1] * C.shape[2] > _EXACT_OT_MAX_ENTRIES:
                 break
             # Completed with the averaged plan's heaviest rows where there is
@@ -354,25 +351,33 @@ def _repair(res, plan, a, b, C, gamma, err, tol, binding):
             # the support depended on the path (n = 200, d = 10, k = 2,
             # gamma = 0.1 median(C) n: primal 16.726 -> 16.655; on the 84
             # hard-binding problems cheaper on 2, the same on the rest).
-            fill = res.idx if averaged is None else averaged[0]
-            idx, todo = _exact_ot_support(a, b, C, fill, todo,
-                                          plans=res.exact_plans)
+            idx, todo = _exact_ot_support(a, b, C, fill, todo, plans=res.exact_plans)
+        # Only the problems still to repair are solved.
+        rows = torch.nonzero(todo).squeeze(1)
+        if rows.numel() == 0:
+            continue
+        idx, alpha = idx[rows], res.alpha[rows]
+        if base == "averaged":
+            idx, mask = res.averaged_support(rows)
+            fill = fill.clone()
+            fill[rows] = idx
+        sub = (a[rows], b[rows], C[rows])
+        left = torch.ones_like(rows, dtype=torch.bool)
         for attempt in range(3):
             if attempt < 2:
-                alpha, vals, idx, _, _ = solve_on_support(a, b, C, gamma, idx, alpha,
+                alpha, vals, idx, _, _ = solve_on_support(*sub, gamma, idx, alpha,
                                                           mask=mask, tol=tol)
             else:
-                alpha, vals, _ = solve_linear_on_support(a, b, C, gamma, idx, mask,
-                                                         alpha)
+                alpha, vals, _ = solve_linear_on_support(*sub, gamma, idx, mask, alpha)
             plan_r = _dense_plan(idx, vals, n)
-            fixed = todo & (_errors(plan_r, a, b) <= tol)
-            primal = _primal(plan_r, C, gamma)
-            better = fixed & (primal < best)
-            plan = torch.where(better.view(-1, 1, 1), plan_r, plan)
-            best = torch.where(better, primal, best)
-            repaired = repaired | fixed
-            todo = todo & ~fixed
-            if not bool(todo.any()):
+            fixed = left & (_errors(plan_r, *sub[:2]) <= tol)
+            primal = _primal(plan_r, sub[2], gamma)
+            better = fixed & (primal < best[rows])
+            plan[rows] = torch.where(better.view(-1, 1, 1), plan_r, plan[rows])
+            best[rows] = torch.where(better, primal, best[rows])
+            repaired[rows] = repaired[rows] | fixed
+            left = left & ~fixed
+            if not bool(left.any()):
                 break
             mask = vals > 0
     return plan, repaired
