@@ -746,14 +746,17 @@ def test_each_problem_runs_its_own_line_search():
 
 def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
         monkeypatch):
-    # Token routing: 12 groups of 6 experts x 24 tokens, k = 2. Their last
+    # Token routing: 12 groups of 8 experts x 32 tokens, k = 2. Their last
     # stages take different numbers of iterations, so the rounds go on with
-    # the running problems alone (on the CPU); every problem must still get
+    # the running problems alone (on the CPU), as do the Newton polish's.
+    # Their median costs differ, so their continuation paths differ in
+    # length (problem 5 alone starts a stage earlier than the batch did when
+    # the path came from the batch's median). Every problem must still get
     # exactly what it gets alone, repair included.
-    rng = np.random.RandomState(6)
-    C = -np.einsum("gnd,gmd->gnm", rng.randn(12, 6, 8), rng.randn(12, 24, 8)) / 3
+    rng = np.random.RandomState(0)
+    C = -np.einsum("gnd,gmd->gnm", rng.randn(12, 8, 8), rng.randn(12, 32, 8)) / 3
     C -= C.min(axis=(1, 2), keepdims=True)
-    a, b = np.full((12, 6), 1 / 6), np.full((12, 24), 1 / 24)
+    a, b = np.full((12, 8), 1 / 8), np.full((12, 32), 1 / 32)
     gamma = float(np.median(C))
     sizes = []
     original = _solver._LbfgsState.subset
@@ -763,8 +766,17 @@ def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
         return original(self, rows)
 
     monkeypatch.setattr(_solver._LbfgsState, "subset", spy)
+    polished = []
+    original_read = _solver._ReadOut.subset
+
+    def spy_read(self, rows):
+        polished.append(rows.numel())
+        return original_read(self, rows)
+
+    monkeypatch.setattr(_solver._ReadOut, "subset", spy_read)
     batched = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert sizes and all(kept <= size // 2 for size, kept in sizes)
+    assert polished and max(polished) <= 6  # the Newton polish retires too
     assert batched.binding.any() and (batched.marginal_error <= 1e-9).all()
     for g in range(12):
         single = sparsity_constrained_ot(a[g], b[g], C[g], 2, gamma)

@@ -399,7 +399,12 @@ def _laplacian_dense(n, idx, active, dtype):
 
 
 def _conjugate_gradient(matvec, rhs, diag, max_iter, rtol):
-    """Jacobi-preconditioned CG on a batch of symmetric positive systems."""
+    """Jacobi-preconditioned CG on a batch of symmetric positive systems.
+
+    A problem stops at the first check (every 10 steps) where its residual
+    is small enough, and stays frozen while the others go on: it gets the
+    solution it gets alone.
+    """
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     z = r / diag
@@ -407,15 +412,18 @@ def _conjugate_gradient(matvec, rhs, diag, max_iter, rtol):
     rz = (r * z).sum(dim=1, keepdim=True)
     target = rtol * rhs.norm(dim=1, keepdim=True)
     tiny = torch.finfo(rhs.dtype).tiny
+    running = torch.ones_like(target, dtype=torch.bool)
     for it in range(max_iter):
         Ap = matvec(p)
         pAp = (p * Ap).sum(dim=1, keepdim=True)
-        step = rz / pAp.clamp(min=tiny)
+        step = torch.where(running, rz / pAp.clamp(min=tiny), 0.0)
         x = x + step * p
         r = r - step * Ap
         # One host sync every 10 steps keeps the GPU busy between checks.
-        if it % 10 == 9 and bool((r.norm(dim=1, keepdim=True) <= target).all()):
-            break
+        if it % 10 == 9:
+            running = running & (r.norm(dim=1, keepdim=True) > target)
+            if not bool(running.any()):
+                break
         z = r / diag
         rz_new = (r * z).sum(dim=1, keepdim=True)
         p = z + (rz_new / rz.clamp(min=tiny)) * p
@@ -775,7 +783,7 @@ _USE_CUDA_GRAPHS = True
 
 
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
-           trial=None, full=None, trace=0):
+           trial=None, full=None, trace=0, active=None):
     """Batched L-BFGS maximization of a concave ``fun(x, floor) -> (value, grad)``.
 
     ``floor`` is ``None`` or the value a line-search trial must reach to be
@@ -794,6 +802,8 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     n_iter, pairs, traced)``: ``n_iter`` (``(B,)``) counts each problem's
     iterations; ``traced`` is None without ``trace``, else the last
     ``trace`` iterates and which are real (:meth:`_LbfgsState.traced`).
+    ``active`` (``(B,)`` bool), when given, leaves the other problems
+    untouched.
 
     ``trial(x, floor) -> (value, grad, stale)``, when given, evaluates without
     any host synchronization, flagging the problems where it cannot answer
@@ -803,6 +813,8 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     value, grad = fun(x, None)
     state = _LbfgsState(x, value, grad, pairs, memory, patience, tol, full=full,
                         scale=scale, trace=trace, max_iter=max_iter)
+    if active is not None:
+        state.done |= ~active
     _lbfgs_rounds(state, fun, trial, scale, max(max_iter, 0) * _MAX_TRIES)
     traced = state.traced() if trace else None
     return state.x, state.count.clone(), (state.s_mem, state.y_mem), traced
@@ -1026,6 +1038,11 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
     direction = torch.zeros_like(alpha)
     slope, step = torch.zeros_like(err), torch.ones_like(err)
     tries = torch.zeros_like(since_best)
+    # On the CPU the finished problems are retired as in _lbfgs_rounds:
+    # `live` (None: all) are the problems `live_eval` evaluates.
+    compact = (alpha.device.type == "cpu" and hasattr(evaluate, "subset")
+               and alpha.shape[0] >= _COMPACT_MIN)
+    live, live_eval = None, evaluate
     for _ in range(max(max_iter, 0) * _NEWTON_TRIES + 1):
         if bool(fresh.any()):
             stop = (err <= tol) | (since_best >= patience) | (n_iter >= max_iter)
@@ -1046,8 +1063,20 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
                 _start_newton_search(rows, gamma, grad, sel, t, span, direction,
                                      slope, step)
                 tries[rows] = 0
+            size = alpha.shape[0] if live is None else live.numel()
+            if compact and int((~finished).sum()) <= _COMPACT_SHARE * size:
+                if live is not None:
+                    evaluate.absorb(live, live_eval)
+                live = torch.nonzero(~finished).squeeze(1)
+                live_eval = evaluate.subset(live)
         new_alpha = alpha + step.unsqueeze(1) * direction
-        new_value, new_grad, new_sel, new_t = evaluate(new_alpha)
+        if live is None:
+            new_value, new_grad, new_sel, new_t = evaluate(new_alpha)
+        else:
+            # The retired problems keep their values (they take no step).
+            new_value, new_grad, new_sel, new_t = (
+                current.index_copy(0, live, part) for current, part in zip(
+                    (value, grad, sel, t), live_eval(new_alpha[live]), strict=True))
         new_err = _marginal_error(new_grad)
         # Near the optimum the predicted rise is below the rounding of
         # the value, and comparing values accepts noise (measured: steps
@@ -1092,6 +1121,8 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
         n_iter = n_iter + ends.to(n_iter.dtype)
         step = torch.where(ends, step, 0.5 * step)
         fresh = ends
+    if live is not None:
+        evaluate.absorb(live, live_eval)
     return best_alpha, n_iter, best_err
 
 
@@ -1204,14 +1235,25 @@ def _working_set_size(k):
 
 
 def _gamma_path(b, C, gamma):
-    """The continuation stages, decreasing and ending at ``gamma``."""
-    flat = C.flatten()
-    sample = flat[::max(1, flat.numel() // 100_000)]
-    start = _START_FACTOR * float(sample.median()) / float(b.mean())
-    stages = [gamma]
-    while stages[-1] * _STAGE_FACTOR < start:
-        stages.append(stages[-1] * _STAGE_FACTOR)
-    return stages[::-1]
+    """The continuation stages, decreasing and ending at ``gamma``.
+
+    Each problem's path is ``gamma 4^j`` for ``j`` from its own start
+    (:data:`_START_FACTOR` times its median cost over its mean column mass)
+    down to 0, so the paths of a batch are suffixes of the longest. Returns
+    that longest path and each problem's number of stages (``(B,)``).
+    """
+    lengths = []
+    for problem, mass in zip(C, b, strict=True):
+        flat = problem.flatten()
+        sample = flat[::max(1, flat.numel() // 100_000)]
+        start = _START_FACTOR * float(sample.median()) / float(mass.mean())
+        stages = [gamma]
+        while stages[-1] * _STAGE_FACTOR < start:
+            stages.append(stages[-1] * _STAGE_FACTOR)
+        lengths.append(len(stages))
+    longest = max(lengths)
+    path = [gamma * _STAGE_FACTOR ** j for j in range(longest)][::-1]
+    return path, torch.as_tensor(lengths, device=C.device)
 
 
 # From this many rows and columns on, the first stage starts from a coarse
@@ -1267,10 +1309,17 @@ class _StageObjective:
         return self.work.trial(x, self.gamma, self.k, floor)
 
     def subset(self, rows):
-        return _StageObjective(self.work.subset(rows), self.gamma, self.k)
+        return type(self)(self.work.subset(rows), self.gamma, self.k)
 
     def absorb(self, rows, sub):
         self.work.absorb(rows, sub.work)
+
+
+class _ReadOut(_StageObjective):
+    """``x -> (value, grad, idx, t)`` on a working set (the Newton polish)."""
+
+    def __call__(self, x):
+        return self.work(x, self.gamma, self.k)
 
 
 def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
@@ -1300,10 +1349,18 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     n, m = C.shape[1:]
     slack = min(_working_set_size(k), n)
     work = _WorkingSet(a, b, C, int(_working_set_size(k) * _WORKING_SET_EXTRA))
-    path = _gamma_path(b, C, gamma)
+    # A batch runs the longest path; each problem joins it at its own first
+    # stage (it sits out the stages before), so it takes the path it takes
+    # alone.
+    path, lengths = _gamma_path(b, C, gamma)
+    joins = len(path) - lengths
     if min(n, m) >= _COARSE_MIN_N:
         size = min(max(min(n, m) // 8, 250), 1000, min(n, m) // 2)
-        alpha = _coarse_start(a, b, C, path[0], slack, size, max_iter)
+        alpha = torch.empty_like(a)
+        for first in torch.unique(joins).tolist():
+            rows = torch.nonzero(joins == first).squeeze(1)
+            alpha[rows] = _coarse_start(a[rows], b[rows], C[rows], path[first], slack,
+                                        size, max_iter)
     else:
         # Each row starts level with its nearest column (a c-transform of
         # beta = 0), so every row is near the top of some column from step
@@ -1344,14 +1401,14 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
         alpha, used, pairs, traced = _lbfgs(
             fun, alpha, budget, max(tol, 1e-4 if last else _STAGE_TOL),
             stage_gamma * n, patience=patience, pairs=pairs, trial=fun.trial,
-            full=full, trace=trace)
+            full=full, trace=trace, active=joins <= stage)
         previous_gamma = stage_gamma
         n_iter += used
     _, grad, _, _ = work(alpha, gamma, k)
     # Newton only pays where L-BFGS got close; a problem that stalled above
     # the switch point sits on a kink where the Newton model is wrong.
     alpha, it_newton, _ = _newton_semi_dual(
-        lambda x: work(x, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
+        _ReadOut(work, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
         patience=10, skip=_marginal_error(grad) > switch,
         span=_potential_span(b, C, gamma), min_step=_NEWTON_MIN_STEP)
     value, grad, idx, t = work(alpha, gamma, k)
