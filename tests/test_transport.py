@@ -766,17 +766,18 @@ def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
         return original(self, rows)
 
     monkeypatch.setattr(_solver._LbfgsState, "subset", spy)
-    polished = []
-    original_read = _solver._ReadOut.subset
+    restricted = []
+    original_objective = _solver._StageObjective.subset
 
-    def spy_read(self, rows):
-        polished.append(rows.numel())
-        return original_read(self, rows)
+    def spy_objective(self, rows):
+        restricted.append(rows.numel())
+        return original_objective(self, rows)
 
-    monkeypatch.setattr(_solver._ReadOut, "subset", spy_read)
+    monkeypatch.setattr(_solver._StageObjective, "subset", spy_objective)
     batched = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert sizes and all(kept <= size // 2 for size, kept in sizes)
-    assert polished and max(polished) <= 6  # the Newton polish retires too
+    # The Newton polish retired problems too (the other restrictions).
+    assert len(restricted) > len(sizes) and max(restricted) <= 6
     assert batched.binding.any() and (batched.marginal_error <= 1e-9).all()
     for g in range(12):
         single = sparsity_constrained_ot(a[g], b[g], C[g], 2, gamma)
@@ -786,15 +787,21 @@ def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
 
 
 def test_lbfgs_trace_holds_each_problems_last_iterates(monkeypatch):
-    # A ring buffer of the last `trace` accepted iterates per problem, slot
-    # (its iteration count) % trace; the two problems run different numbers
-    # of iterations (the second, isotropic, converges in two), and the
-    # shorter one's missing slots are marked.
+    # A ring buffer of the extra output at the last `trace` iterates per
+    # problem (here the iterate itself), slot (its iteration count) % trace;
+    # the two problems run different numbers of iterations (the second,
+    # isotropic, converges in two), and the shorter one's missing slots are
+    # marked.
     rng = np.random.RandomState(3)
     scales = torch.as_tensor(np.stack([np.logspace(0, 3, 6), np.ones(6)]))
     target = torch.as_tensor(rng.randn(2, 6))
     seen = [[], []]
     original = _solver._LbfgsState._commit
+    quadratics = _quadratics(scales, target)
+
+    def fun(x, floor):
+        # The iterate itself as the extra output the trace records.
+        return (*quadratics(x, floor), x.clone())
 
     def spy(self, *args):
         before = self.count.clone()
@@ -804,9 +811,8 @@ def test_lbfgs_trace_holds_each_problems_last_iterates(monkeypatch):
                 seen[i].append(self.x[i].clone())
 
     monkeypatch.setattr(_solver._LbfgsState, "_commit", spy)
-    x, n_iter, _, (traced, real) = _solver._lbfgs(
-        _quadratics(scales, target), torch.zeros(2, 6, dtype=torch.float64), 200,
-        1e-10, 1e-3, trace=5)
+    x, n_iter, _, ((traced,), real) = _solver._lbfgs(
+        fun, torch.zeros(2, 6, dtype=torch.float64), 200, 1e-10, 1e-3, trace=5)
     counts = [len(s) for s in seen]
     assert counts == n_iter.tolist() and counts[0] > 7 and counts[1] < 5
     assert traced.shape == (2, 5, 6)

@@ -313,12 +313,12 @@ class _WorkingSet:
         return value, grad, idx, t
 
     def trial(self, alpha, gamma, k, floor):
-        """``(value, grad, stale)`` from the working set as it stands.
+        """``((value, grad, idx, t), stale)`` from the working set as it stands.
 
         No refresh and no host synchronization (so a CUDA graph can hold
         it): ``stale`` (``(B,)``) flags the problems whose certificate
-        failed, for which ``value`` and ``grad`` may be wrong and
-        :meth:`__call__` must be asked instead.
+        failed, for which the evaluation may be wrong and :meth:`__call__`
+        must be asked instead.
         """
         value, picked, pos, t, tau = self._evaluate(alpha, gamma, k)
         if self.snapshots is None:
@@ -326,7 +326,7 @@ class _WorkingSet:
         else:
             stale = self._uncertified(alpha, gamma, value, picked, tau,
                                       floor).any(dim=1)
-        return value, self._gradient(alpha, pos, t)[0], stale
+        return (value, *self._gradient(alpha, pos, t)), stale
 
     def _scale(self, gamma):
         b = self.b
@@ -526,8 +526,10 @@ class _LbfgsState:
     """
 
     def __init__(self, x, value, grad, pairs, memory, patience, tol, full=None,
-                 scale=None, trace=0, max_iter=None):
+                 scale=None, trace=0, max_iter=None, extra=()):
         self.x, self.value, self.grad = x.clone(), value.clone(), grad.clone()
+        # What else the function returns at the iterate (the read-out plan).
+        self.extra = [e.clone() for e in extra]
         if pairs is None:
             shape = (x.shape[0], memory, x.shape[1])
             pairs = (x.new_zeros(shape), x.new_zeros(shape))
@@ -545,9 +547,10 @@ class _LbfgsState:
             self.all_full = bool(full.all())
             self.hess = scale * torch.eye(x.shape[1], dtype=x.dtype,
                                           device=x.device).repeat(x.shape[0], 1, 1)
-        # Each problem's last `trace` iterates, a ring buffer (slot: its
-        # iteration count % trace).
-        self.trace = x.new_zeros(x.shape[0], trace, x.shape[1]) if trace else None
+        # Each problem's `extra` at its last `trace` iterates, ring buffers
+        # (slot: its iteration count % trace).
+        self.trace = [e.new_zeros(e.shape[0], trace, *e.shape[1:])
+                      for e in extra] if trace else None
         self.max_iter = max_iter
         self.done = _marginal_error(grad) <= tol
         if max_iter is not None and max_iter <= 0:
@@ -603,23 +606,29 @@ class _LbfgsState:
         floor = self.value + 1e-4 * (self.trial_step * self.slope).squeeze(1)
         return new_x, floor
 
-    def advance(self, new_x, new_value, new_grad, floor):
-        """Take the passed trials, halve the failed ones' steps (one round)."""
+    def advance(self, new_x, floor, out):
+        """Take the passed trials, halve the failed ones' steps (one round).
+
+        ``out`` is the function's output at the trials: value, gradient and
+        the extra outputs.
+        """
+        new_value = out[0]
         ok = (new_value >= floor).unsqueeze(1)
         tries = self.tries + 1
         ends = ok | (tries >= _MAX_TRIES)
-        self._commit(new_x, new_value, new_grad, ok, ends & ~self.done.unsqueeze(1))
+        self._commit(new_x, out, ok, ends & ~self.done.unsqueeze(1))
         self.trial_step.copy_(torch.where(ends, self.trial_step, 0.5 * self.trial_step))
         self.tries.copy_(tries)
         self.fresh.copy_(ends)
 
-    def _commit(self, new_x, new_value, new_grad, ok, moves):
+    def _commit(self, new_x, out, ok, moves):
         """One iteration for the problems in ``moves`` (``(B, 1)``).
 
         Those whose trial passed (``ok``) take it; a search that failed
         leaves its problem in place. Finished problems stay frozen, so a
         batch returns what separate solves would.
         """
+        new_value, new_grad = out[0], out[1]
         ok = ok & torch.isfinite(new_value).unsqueeze(1) & moves
         x, grad = self.x, self.grad
         new_x = torch.where(ok, new_x, x)
@@ -649,12 +658,18 @@ class _LbfgsState:
             done = done | (count >= self.max_iter)
         done = self.done | (moving & done)
         step = torch.where(ok, self.trial_step, self.step)
+        for old, new in zip(self.extra, out[2:], strict=False):
+            old.copy_(torch.where(ok.view(-1, *[1] * (old.dim() - 1)), new, old))
         if self.trace is not None:
-            slot = torch.remainder(self.count, self.trace.shape[1]).view(-1, 1, 1)
-            slot = slot.expand(-1, 1, x.shape[1])
-            old = self.trace.gather(1, slot)
-            self.trace.scatter_(1, slot, torch.where(moves.unsqueeze(2),
-                                                     new_x.unsqueeze(1), old))
+            held = self.trace[0].shape[1]
+            slot = torch.remainder(self.count, held)
+            for ring, current in zip(self.trace, self.extra, strict=True):
+                # Slot `slot` of each moving problem gets its current extra.
+                shape = (-1, 1, *[1] * (current.dim() - 1))
+                index = slot.view(shape).expand(-1, 1, *current.shape[1:])
+                kept = ring.gather(1, index)
+                ring.scatter_(1, index, torch.where(moves.view(shape),
+                                                    current.unsqueeze(1), kept))
         for old, new in ((self.x, new_x), (self.value, new_value),
                          (self.grad, new_grad), (self.s_mem, s_mem),
                          (self.y_mem, y_mem), (self.history, history),
@@ -663,7 +678,7 @@ class _LbfgsState:
 
     # The per-problem state: indexed along the batch by subset() and absorb().
     _BATCHED = ("x", "value", "grad", "s_mem", "y_mem", "hess", "full", "step",
-                "trial_step", "search", "slope", "tries", "fresh", "trace", "done",
+                "trial_step", "search", "slope", "tries", "fresh", "done",
                 "history", "count")
 
     def subset(self, rows):
@@ -674,6 +689,9 @@ class _LbfgsState:
             value = getattr(self, name)
             if value is not None:
                 setattr(sub, name, value[rows])
+        sub.extra = [e[rows] for e in self.extra]
+        if self.trace is not None:
+            sub.trace = [ring[rows] for ring in self.trace]
         if sub.full is not None:
             sub.all_full = bool(sub.full.all())
         return sub
@@ -683,19 +701,20 @@ class _LbfgsState:
         for name in self._BATCHED:
             if getattr(self, name) is not None:
                 getattr(self, name)[rows] = getattr(sub, name)
+        for mine, theirs in zip(self.extra + (self.trace or []),
+                                sub.extra + (sub.trace or []), strict=True):
+            mine[rows] = theirs
 
     def traced(self):
-        """The traced iterates, ``(B, T, n)``, and which are real (``(B, T)``).
+        """The traced extras (each ``(B, T, ...)``) and which are real (``(B, T)``).
 
         ``T`` is the largest number held by a problem; a problem with fewer
-        gets its last iterate in the other slots, marked not real.
+        has zeros in the other slots, marked not real.
         """
-        held = torch.clamp(self.count, max=self.trace.shape[1])
+        held = torch.clamp(self.count, max=self.trace[0].shape[1])
         size = int(held.max())
         real = torch.arange(size, device=held.device) < held.unsqueeze(1)
-        iterates = torch.where(real.unsqueeze(2), self.trace[:, :size],
-                               self.x.unsqueeze(1))
-        return iterates, real
+        return [ring[:, :size] for ring in self.trace], real
 
 
 class _GraphedLbfgs:
@@ -722,7 +741,7 @@ class _GraphedLbfgs:
                 self.trial_out = self._try(trial, scale)
 
             self.replay_try = replay_try
-            self.replay_commit = lambda: state.advance(*self.trial_out[:4])
+            self.replay_commit = lambda: state.advance(*self.trial_out[:3])
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -740,7 +759,7 @@ class _GraphedLbfgs:
         with torch.cuda.graph(try_graph):
             self.trial_out = self._try(trial, scale)
         with torch.cuda.graph(commit_graph):
-            state.advance(*self.trial_out[:4])
+            state.advance(*self.trial_out[:3])
         self.replay_try, self.replay_commit = try_graph.replay, commit_graph.replay
 
     def _try(self, trial, scale):
@@ -748,9 +767,9 @@ class _GraphedLbfgs:
         finished = state.done.all()
         state.prepare(scale, check=False)
         new_x, floor = state.trial_point()
-        new_value, new_grad, stale = trial(new_x, floor)
+        out, stale = trial(new_x, floor)
         usable = ~(stale & ~state.done).any()
-        return new_x, new_value, new_grad, floor, torch.stack([usable, finished])
+        return new_x, floor, out, torch.stack([usable, finished])
 
     def step(self):
         """Replay one round's trials; commit them if usable.
@@ -784,11 +803,15 @@ _USE_CUDA_GRAPHS = True
 
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
            trial=None, full=None, trace=0, active=None):
-    """Batched L-BFGS maximization of a concave ``fun(x, floor) -> (value, grad)``.
+    """Batched L-BFGS maximization of a concave ``fun(x, floor)``.
+
+    ``fun`` returns ``(value, grad, *extra)``.
 
     ``floor`` is ``None`` or the value a line-search trial must reach to be
     accepted; ``fun`` may return an upper bound instead of the exact value
-    (and any gradient) where that bound is below it.
+    (and any gradient) where that bound is below it. ``extra`` are further
+    outputs (``(B, ...)`` tensors, here the read-out plan) that ``trace``
+    records.
 
     ``scale`` sets the first step, ``scale * grad``, and the restarts.
     A problem stops on ``||grad||_1 <= tol``, after ``max_iter`` iterations,
@@ -800,19 +823,20 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     the path it follows alone. ``pairs`` (``(s, y)``, each
     ``(B, memory, n)``) starts from an earlier run's pairs. Returns ``(x,
     n_iter, pairs, traced)``: ``n_iter`` (``(B,)``) counts each problem's
-    iterations; ``traced`` is None without ``trace``, else the last
-    ``trace`` iterates and which are real (:meth:`_LbfgsState.traced`).
+    iterations; ``traced`` is None without ``trace``, else the extras at the
+    last ``trace`` iterates and which are real (:meth:`_LbfgsState.traced`).
     ``active`` (``(B,)`` bool), when given, leaves the other problems
     untouched.
 
-    ``trial(x, floor) -> (value, grad, stale)``, when given, evaluates without
+    ``trial(x, floor) -> (fun's output, stale)``, when given, evaluates without
     any host synchronization, flagging the problems where it cannot answer
     (``stale``); on CUDA the rounds then run as graphs
     (:class:`_GraphedLbfgs`).
     """
-    value, grad = fun(x, None)
-    state = _LbfgsState(x, value, grad, pairs, memory, patience, tol, full=full,
-                        scale=scale, trace=trace, max_iter=max_iter)
+    out = fun(x, None)
+    state = _LbfgsState(x, out[0], out[1], pairs, memory, patience, tol, full=full,
+                        scale=scale, trace=trace, max_iter=max_iter,
+                        extra=out[2:] if trace else ())
     if active is not None:
         state.done |= ~active
     _lbfgs_rounds(state, fun, trial, scale, max(max_iter, 0) * _MAX_TRIES)
@@ -863,7 +887,7 @@ def _lbfgs_rounds(state, fun, trial, scale, rounds):
                 break
         state.prepare(scale)
         new_x, floor = state.trial_point()
-        state.advance(new_x, *fun(new_x, floor), floor)
+        state.advance(new_x, floor, fun(new_x, floor))
 
 
 # On a GPU, up to this many rows the Newton system is factorized densely
@@ -1178,16 +1202,15 @@ _FULL_BFGS_MAX_ENTRIES = 2 ** 22
 # Where k binds, the repair also tries the support of the average of the
 # read-out plans over this many last iterates of the final stage
 # (:func:`_averaged_support`), on problems of at most this many cost entries
-# (the average is a dense (B, n, m) array).
+# (the average is a dense (B, n, m) array) and traced plan entries (the
+# L-BFGS state keeps each iterate's plan, ``(B, T, k, m)``, so the average
+# costs one scatter; re-evaluating the iterates took 0.9 s of 4.6 s on 256
+# routing problems of 16 x 128).
 _AVERAGE_ITERATES = 200
 _AVERAGE_MAX_ENTRIES = 2 ** 24
-# Iterates evaluated together by _averaged_support, as long as the copies of
-# the costs they need hold at most _AVERAGE_CHUNK_ENTRIES entries.
-_AVERAGE_CHUNK = 20
-_AVERAGE_CHUNK_ENTRIES = 2 ** 22
 
 
-def _averaged_support(work, traced, gamma, k, rows):
+def _averaged_support(traced, b, n, k, rows):
     """Each column's k heaviest rows in the average of the iterates' plans.
 
     At a kink of the dual the read-out plan jumps between supports from one
@@ -1195,33 +1218,21 @@ def _averaged_support(work, traced, gamma, k, rows):
     of them (the plans are supergradients; their running average is the
     classical primal recovery of subgradient methods). Its k heaviest rows
     per column are a support chosen by mass, not by scores that tie at the
-    kink. ``traced`` is :meth:`_LbfgsState.traced`'s pair; only the problems
-    ``rows`` are computed. Returns ``(idx, mask)``, ``(len(rows), k, m)``:
-    the rows, and which of them hold mass.
+    kink. ``traced`` is :meth:`_LbfgsState.traced`'s pair, the extras being
+    the read-out plans ``(idx, t)`` (each ``(B, T, k, m)``); only the
+    problems ``rows`` are computed. Returns ``(idx, mask)``,
+    ``(len(rows), k, m)``: the rows, and which of them hold mass.
     """
-    iterates, real = traced[0][rows], traced[1][rows]
-    count, n = iterates.shape[1], iterates.shape[2]
-    # The iterates are evaluated _AVERAGE_CHUNK at a time, as one batch that
-    # repeats each problem (one call instead of one per iterate: 1.0 s ->
-    # s on 123 routing problems of 8 x 64 with 200 iterates).
-    chunk = max(1, min(_AVERAGE_CHUNK, count,
-                       _AVERAGE_CHUNK_ENTRIES // work.CT[rows].numel()))
-    many = work.subset(rows.repeat(chunk))
-    total = iterates.new_zeros(rows.numel(), n, many.CT.shape[1])
-    weight = work.b[rows].unsqueeze(1)
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
-        block = iterates[:, start:stop].transpose(0, 1).reshape(-1, n)
-        if stop - start < chunk:
-            many = work.subset(rows.repeat(stop - start))
-        _, _, idx, t = many(block, gamma, k)
-        idx = idx.view(stop - start, rows.numel(), *idx.shape[1:])
-        t = t.view_as(idx)
-        for j in range(stop - start):
-            keep = real[:, start + j].to(t.dtype).view(-1, 1, 1)
-            total.scatter_add_(1, idx[j], t[j] * weight * keep)
-    vals, idx = total.topk(k, dim=1)
-    return idx, vals > 0
+    (idx, t), real = traced
+    idx, t, real = idx[rows], t[rows], real[rows]
+    count, m = idx.shape[1], idx.shape[3]
+    mass = t * b[rows].view(-1, 1, 1, m) * real.to(t.dtype).view(-1, count, 1, 1)
+    total = t.new_zeros(rows.numel(), n, m)
+    # Iterate by iterate, oldest slot first (one scatter over all of them).
+    total.scatter_add_(1, idx.reshape(rows.numel(), -1, m),
+                       mass.reshape(rows.numel(), -1, m))
+    vals, top = total.topk(k, dim=1)
+    return top, vals > 0
 
 
 def _binds(t, k):
@@ -1293,17 +1304,19 @@ def _coarse_start(a, b, C, gamma, k, size, max_iter):
 
 
 class _StageObjective:
-    """One stage's semi-dual on a working set, as :func:`_lbfgs` calls it.
+    """One stage's semi-dual on a working set, as :func:`_lbfgs` and
+    :func:`_newton_semi_dual` call it.
 
-    ``fun(x, floor) -> (value, grad)``, ``trial`` (see :func:`_lbfgs`), and
-    the restriction to some problems of the batch (:func:`_lbfgs_rounds`).
+    ``fun(x, floor=None) -> (value, grad, idx, t)``, ``trial`` (see
+    :func:`_lbfgs`), and the restriction to some problems of the batch
+    (:func:`_lbfgs_rounds`).
     """
 
     def __init__(self, work, gamma, k):
         self.work, self.gamma, self.k = work, gamma, k
 
-    def __call__(self, x, floor):
-        return self.work(x, self.gamma, self.k, floor)[:2]
+    def __call__(self, x, floor=None):
+        return self.work(x, self.gamma, self.k, floor)
 
     def trial(self, x, floor):
         return self.work.trial(x, self.gamma, self.k, floor)
@@ -1313,13 +1326,6 @@ class _StageObjective:
 
     def absorb(self, rows, sub):
         self.work.absorb(rows, sub.work)
-
-
-class _ReadOut(_StageObjective):
-    """``x -> (value, grad, idx, t)`` on a working set (the Newton polish)."""
-
-    def __call__(self, x):
-        return self.work(x, self.gamma, self.k)
 
 
 def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
@@ -1396,7 +1402,8 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
             binds = _binds(work(alpha, stage_gamma, slack)[3], k)
             if n <= _FULL_BFGS_MAX_N and C.shape[0] * n * n <= _FULL_BFGS_MAX_ENTRIES:
                 full = binds
-            if bool(binds.any()) and C.numel() <= _AVERAGE_MAX_ENTRIES:
+            if (bool(binds.any()) and C.numel() <= _AVERAGE_MAX_ENTRIES
+                    and C.shape[0] * _AVERAGE_ITERATES * k * m <= _AVERAGE_MAX_ENTRIES):
                 trace = _AVERAGE_ITERATES
         alpha, used, pairs, traced = _lbfgs(
             fun, alpha, budget, max(tol, 1e-4 if last else _STAGE_TOL),
@@ -1408,7 +1415,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     # Newton only pays where L-BFGS got close; a problem that stalled above
     # the switch point sits on a kink where the Newton model is wrong.
     alpha, it_newton, _ = _newton_semi_dual(
-        _ReadOut(work, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
+        _StageObjective(work, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
         patience=10, skip=_marginal_error(grad) > switch,
         span=_potential_span(b, C, gamma), min_step=_NEWTON_MIN_STEP)
     value, grad, idx, t = work(alpha, gamma, k)
@@ -1416,9 +1423,9 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     beta = _beta_from_plan(alpha, C, idx, vals, gamma)
     result = SolverResult(alpha, beta, idx, vals, value, n_iter + it_newton,
                           _marginal_error(grad) <= tol)
-    if traced is not None and traced[0].shape[1] > 0:
-        result.averaged_support = functools.partial(_averaged_support, work, traced,
-                                                    gamma, k)
+    if traced is not None and traced[1].shape[1] > 0:
+        result.averaged_support = functools.partial(_averaged_support, traced, b, n,
+                                                    k)
     return result
 
 
