@@ -606,17 +606,20 @@ class _LbfgsState:
         floor = self.value + 1e-4 * (self.trial_step * self.slope).squeeze(1)
         return new_x, floor
 
-    def advance(self, new_x, floor, out):
+    def advance(self, new_x, floor, out, check=True):
         """Take the passed trials, halve the failed ones' steps (one round).
 
         ``out`` is the function's output at the trials: value, gradient and
-        the extra outputs.
+        the extra outputs. ``check=False`` runs the iteration's update even
+        where no search ends, without asking the host (inside a CUDA graph).
         """
         new_value = out[0]
         ok = (new_value >= floor).unsqueeze(1)
         tries = self.tries + 1
         ends = ok | (tries >= _MAX_TRIES)
-        self._commit(new_x, out, ok, ends & ~self.done.unsqueeze(1))
+        moves = ends & ~self.done.unsqueeze(1)
+        if not check or bool(moves.any()):
+            self._commit(new_x, out, ok, moves)
         self.trial_step.copy_(torch.where(ends, self.trial_step, 0.5 * self.trial_step))
         self.tries.copy_(tries)
         self.fresh.copy_(ends)
@@ -759,7 +762,7 @@ class _GraphedLbfgs:
         with torch.cuda.graph(try_graph):
             self.trial_out = self._try(trial, scale)
         with torch.cuda.graph(commit_graph):
-            state.advance(*self.trial_out[:3])
+            state.advance(*self.trial_out[:3], check=False)
         self.replay_try, self.replay_commit = try_graph.replay, commit_graph.replay
 
     def _try(self, trial, scale):
