@@ -115,6 +115,17 @@ def test_non_binding_k_near_unregularized_converges_to_exact_marginals():
     assert (np.count_nonzero(res.plan, axis=0) <= 10).all()
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_top_k_selection_matches_torch_topk(k):
+    # Sort (k = all), repeated maxima (k <= 2) or topk: the same sorted
+    # values and positions as torch.topk (no ties in random data).
+    scores = torch.as_tensor(np.random.RandomState(k).randn(3, 5, 7))
+    values, positions = _solver._top(scores, k)
+    expected = scores.topk(k, dim=-1)
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    torch.testing.assert_close(positions, expected.indices, rtol=0, atol=0)
+
+
 def test_lbfgs_direction_is_the_bfgs_inverse_hessian_times_the_gradient():
     # The compact form must equal H g with H built by the BFGS updates of the
     # stored pairs, oldest first, from theta I (theta = s'y / y'y of the
