@@ -755,6 +755,37 @@ def test_each_problem_runs_its_own_line_search():
         torch.testing.assert_close(x[i], target[i], rtol=0, atol=1e-9)
 
 
+def _routing(groups, n, m, seed=0):
+    # Token routing: rows are experts, columns tokens, the cost the negated
+    # affinity of random 8-d embeddings (shifted to be nonnegative).
+    rng = np.random.RandomState(seed)
+    C = -np.einsum("gnd,gmd->gnm", rng.randn(groups, n, 8), rng.randn(groups, m, 8))
+    C = (C - C.min(axis=(1, 2), keepdims=True)) / 3
+    return np.full((groups, n), 1 / n), np.full((groups, m), 1 / m), C
+
+
+def test_a_batch_beyond_the_memory_caps_is_solved_in_chunks(monkeypatch):
+    # Full BFGS and the averaged support's trace have caps on the whole
+    # batch. With caps that hold three of these problems, a batch of eight is
+    # solved in chunks of three and still gives each problem its lone
+    # result; solved in one piece it goes without them and differs.
+    a, b, C = _routing(8, 8, 32)
+    gamma = float(np.median(C))
+    monkeypatch.setattr(_solver, "_FULL_BFGS_MAX_ENTRIES", 3 * 8 * 8)
+    monkeypatch.setattr(_solver, "_AVERAGE_MAX_ENTRIES", 3 * 200 * 2 * 32)
+    assert _solver._batch_chunk(8, 32, 2) == 3
+    batched = sparsity_constrained_ot(a, b, C, 2, gamma)
+    singles = [sparsity_constrained_ot(a[g], b[g], C[g], 2, gamma) for g in range(8)]
+    assert batched.binding.any()
+    for g, single in enumerate(singles):
+        np.testing.assert_array_equal(batched.plan[g], single.plan)
+        np.testing.assert_array_equal(batched.alpha[g], single.alpha)
+    monkeypatch.setattr(_solver, "_batch_chunk", lambda n, m, k: 8)
+    whole = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert any(not np.array_equal(whole.alpha[g], single.alpha)
+               for g, single in enumerate(singles))
+
+
 def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
         monkeypatch):
     # Token routing: 12 groups of 8 experts x 32 tokens, k = 2. Their last
@@ -764,10 +795,7 @@ def test_a_batch_retires_its_finished_problems_and_gives_the_looped_results(
     # length (problem 5 alone starts a stage earlier than the batch did when
     # the path came from the batch's median). Every problem must still get
     # exactly what it gets alone, repair included.
-    rng = np.random.RandomState(0)
-    C = -np.einsum("gnd,gmd->gnm", rng.randn(12, 8, 8), rng.randn(12, 32, 8)) / 3
-    C -= C.min(axis=(1, 2), keepdims=True)
-    a, b = np.full((12, 8), 1 / 8), np.full((12, 32), 1 / 32)
+    a, b, C = _routing(12, 8, 32)
     gamma = float(np.median(C))
     sizes = []
     original = _solver._LbfgsState.subset

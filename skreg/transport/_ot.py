@@ -352,6 +352,9 @@ def _repair(res, plan, a, b, C, gamma, err, tol, binding):
             # gamma = 0.1 median(C) n: primal 16.726 -> 16.655; on the 84
             # hard-binding problems cheaper on 2, the same on the rest).
             idx, todo = _exact_ot_support(a, b, C, fill, todo, plans=res.exact_plans)
+        elif base == "averaged":
+            # Only where the solver kept the trace a separate solve keeps.
+            todo = todo & res.averaged
         # Only the problems still to repair are solved.
         rows = torch.nonzero(todo).squeeze(1)
         if rows.numel() == 0:

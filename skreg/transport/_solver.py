@@ -46,11 +46,14 @@ class SolverResult:
     # Exact OT plans (NumPy, one per problem) where the solve computed them,
     # so that the repair's exact-OT fallback does not compute them again.
     exact_plans: list = None
-    # Where k binds: a callable returning each column's k rows of largest
-    # mass in the average of the read-out plans over the last iterates, and
-    # which of them hold mass (both ``(B, k, m)``), a support for the repair;
-    # computed only if the repair asks.
+    # Where k binds: a callable taking problem indices ``rows`` and returning
+    # each column's k rows of largest mass in the average of the read-out
+    # plans over the last iterates, and which of them hold mass (both
+    # ``(len(rows), k, m)``), a support for the repair; computed only if the
+    # repair asks, and only for the problems ``averaged`` (``(B,)`` bool)
+    # marks.
     averaged_support: Callable = None
+    averaged: torch.Tensor = None
 
 
 def _project_sorted(v, dim):
@@ -1326,6 +1329,50 @@ def _coarse_start(a, b, C, gamma, k, size, max_iter):
     return -(level * tau)[..., 0]
 
 
+def _batch_chunk(n, m, k):
+    """The most problems solved together, so that each gets its lone path.
+
+    Full BFGS and the trace of the averaged support have memory caps on the
+    whole batch (``_FULL_BFGS_MAX_ENTRIES``, ``_AVERAGE_MAX_ENTRIES``); a
+    batch beyond them is solved in chunks within them, so that each problem
+    takes the path it takes alone.
+    """
+    caps = [_AVERAGE_MAX_ENTRIES // (n * m),
+            _AVERAGE_MAX_ENTRIES // (_AVERAGE_ITERATES * k * m)]
+    if n <= _FULL_BFGS_MAX_N:
+        caps.append(_FULL_BFGS_MAX_ENTRIES // (n * n))
+    return max(1, min(caps))
+
+
+def _concatenate(parts):
+    """One :class:`SolverResult` from those of consecutive chunks of a batch."""
+    fields = {name: torch.cat([getattr(p, name) for p in parts])
+              for name in ("alpha", "beta", "idx", "vals", "dual_objective",
+                           "n_iter", "converged")}
+    result = SolverResult(**fields)
+    starts = np.cumsum([0] + [p.alpha.shape[0] for p in parts])
+    if any(p.averaged_support is not None for p in parts):
+        result.averaged = torch.cat([
+            p.averaged if p.averaged is not None
+            else torch.zeros_like(p.converged) for p in parts])
+
+        def averaged_support(rows):
+            idx = mask = None
+            for part, start, stop in zip(parts, starts[:-1], starts[1:], strict=True):
+                mine = (rows >= int(start)) & (rows < int(stop))
+                if part.averaged_support is None or not bool(mine.any()):
+                    continue
+                got_idx, got_mask = part.averaged_support(rows[mine] - int(start))
+                if idx is None:
+                    idx = got_idx.new_zeros((rows.numel(), *got_idx.shape[1:]))
+                    mask = got_mask.new_zeros((rows.numel(), *got_mask.shape[1:]))
+                idx[mine], mask[mine] = got_idx, got_mask
+            return idx, mask
+
+        result.averaged_support = averaged_support
+    return result
+
+
 class _StageObjective:
     """One stage's semi-dual on a working set, as :func:`_lbfgs` and
     :func:`_newton_semi_dual` call it.
@@ -1376,6 +1423,12 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     SolverResult
     """
     n, m = C.shape[1:]
+    chunk = _batch_chunk(n, m, k)
+    if C.shape[0] > chunk:
+        return _concatenate([
+            solve_semi_dual(a[i:i + chunk], b[i:i + chunk], C[i:i + chunk], gamma, k,
+                            max_iter=max_iter, tol=tol, patience=patience)
+            for i in range(0, C.shape[0], chunk)])
     slack = min(_working_set_size(k), n)
     work = _WorkingSet(a, b, C, int(_working_set_size(k) * _WORKING_SET_EXTRA))
     # A batch runs the longest path; each problem joins it at its own first
@@ -1420,7 +1473,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
         # binds even with the slack k (large gamma, wide supports): more
         # iterations there only polish a kink the next stage leaves.
         budget = max_iter if last else min(max_iter, _STAGE_MAX_ITER)
-        full, trace = None, 0
+        full, trace, binds = None, 0, None
         if last and stage_k < slack:
             binds = _binds(work(alpha, stage_gamma, slack)[3], k)
             if n <= _FULL_BFGS_MAX_N and C.shape[0] * n * n <= _FULL_BFGS_MAX_ENTRIES:
@@ -1449,6 +1502,8 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     if traced is not None and traced[1].shape[1] > 0:
         result.averaged_support = functools.partial(_averaged_support, traced, b, n,
                                                     k)
+        # Only where k binds is the trace what a separate solve would keep.
+        result.averaged = binds
     return result
 
 
