@@ -552,8 +552,6 @@ class _LbfgsState:
     def __init__(self, x, value, grad, pairs, memory, patience, tol, full=None,
                  scale=None, trace=0, max_iter=None, extra=()):
         self.x, self.value, self.grad = x.clone(), value.clone(), grad.clone()
-        # What else the function returns at the iterate (the read-out plan).
-        self.extra = [e.clone() for e in extra]
         if pairs is None:
             shape = (x.shape[0], memory, x.shape[1])
             pairs = (x.new_zeros(shape), x.new_zeros(shape))
@@ -571,11 +569,13 @@ class _LbfgsState:
             self.all_full = bool(full.all())
             self.hess = scale * torch.eye(x.shape[1], dtype=x.dtype,
                                           device=x.device).repeat(x.shape[0], 1, 1)
-        # Each problem's `extra` at its last `trace` iterates, ring buffers
-        # (slot: its iteration count % trace; the extra slot `trace` takes
-        # the writes of the problems that do not move).
+        # What the function returns beyond value and gradient (the read-out
+        # plan) at each problem's last `trace` accepted iterates: ring
+        # buffers (slot: its number of accepted steps % trace; the extra
+        # slot `trace` takes the writes of the problems that do not step).
         self.trace = [e.new_zeros(e.shape[0], trace + 1, *e.shape[1:])
                       for e in extra] if trace else None
+        self.accepted = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.problems = torch.arange(x.shape[0], device=x.device)
         self.max_iter = max_iter
         self.done = _marginal_error(grad) <= tol
@@ -617,13 +617,22 @@ class _LbfgsState:
         whether any problem needs one (inside a CUDA graph).
         """
         fresh = self.fresh
-        if check and not bool(fresh.any()):
+        starting = int(fresh.sum()) if check else -1
+        if starting == 0:
             return
         direction, slope = self.direction(scale)
-        self.search.copy_(torch.where(fresh, direction, self.search))
-        self.slope.copy_(torch.where(fresh, slope, self.slope))
-        self.trial_step.copy_(torch.where(fresh, self.first_step(), self.trial_step))
-        self.tries.masked_fill_(fresh, 0)
+        if starting == fresh.shape[0]:
+            # Every problem starts a search (always so for one problem).
+            self.search.copy_(direction)
+            self.slope.copy_(slope)
+            self.trial_step.copy_(self.first_step())
+            self.tries.zero_()
+        else:
+            self.search.copy_(torch.where(fresh, direction, self.search))
+            self.slope.copy_(torch.where(fresh, slope, self.slope))
+            self.trial_step.copy_(torch.where(fresh, self.first_step(),
+                                              self.trial_step))
+            self.tries.masked_fill_(fresh, 0)
         self.fresh.fill_(False)
 
     def trial_point(self):
@@ -641,13 +650,12 @@ class _LbfgsState:
         """
         new_value = out[0]
         ok = (new_value >= floor).unsqueeze(1)
-        tries = self.tries + 1
-        ends = ok | (tries >= _MAX_TRIES)
+        self.tries.add_(1)
+        ends = ok | (self.tries >= _MAX_TRIES)
         moves = ends & ~self.done.unsqueeze(1)
         if not check or bool(moves.any()):
             self._commit(new_x, out, ok, moves)
-        self.trial_step.copy_(torch.where(ends, self.trial_step, 0.5 * self.trial_step))
-        self.tries.copy_(tries)
+        self.trial_step.mul_(torch.where(ends, 1.0, 0.5))
         self.fresh.copy_(ends)
 
     def _commit(self, new_x, out, ok, moves):
@@ -687,13 +695,13 @@ class _LbfgsState:
             done = done | (count >= self.max_iter)
         done = self.done | (moving & done)
         step = torch.where(ok, self.trial_step, self.step)
-        for old, new in zip(self.extra, out[2:], strict=False):
-            old.copy_(torch.where(ok.view(-1, *[1] * (old.dim() - 1)), new, old))
         if self.trace is not None:
             held = self.trace[0].shape[1] - 1
-            slot = torch.where(moving, torch.remainder(self.count, held), held)
-            for ring, current in zip(self.trace, self.extra, strict=True):
-                ring[self.problems, slot] = current
+            stepped = ok.squeeze(1)
+            slot = torch.where(stepped, torch.remainder(self.accepted, held), held)
+            for ring, new in zip(self.trace, out[2:], strict=True):
+                ring[self.problems, slot] = new
+            self.accepted.add_(stepped)
         for old, new in ((self.x, new_x), (self.value, new_value),
                          (self.grad, new_grad), (self.s_mem, s_mem),
                          (self.y_mem, y_mem), (self.history, history),
@@ -703,7 +711,7 @@ class _LbfgsState:
     # The per-problem state: indexed along the batch by subset() and absorb().
     _BATCHED = ("x", "value", "grad", "s_mem", "y_mem", "hess", "full", "step",
                 "trial_step", "search", "slope", "tries", "fresh", "done",
-                "history", "count")
+                "history", "count", "accepted")
 
     def subset(self, rows):
         """The state of the problems ``rows`` alone (a copy)."""
@@ -713,7 +721,6 @@ class _LbfgsState:
             value = getattr(self, name)
             if value is not None:
                 setattr(sub, name, value[rows])
-        sub.extra = [e[rows] for e in self.extra]
         # The subset numbers its problems afresh (for the trace's writes).
         sub.problems = torch.arange(rows.numel(), device=rows.device)
         if self.trace is not None:
@@ -727,8 +734,7 @@ class _LbfgsState:
         for name in self._BATCHED:
             if getattr(self, name) is not None:
                 getattr(self, name)[rows] = getattr(sub, name)
-        for mine, theirs in zip(self.extra + (self.trace or []),
-                                sub.extra + (sub.trace or []), strict=True):
+        for mine, theirs in zip(self.trace or [], sub.trace or [], strict=True):
             mine[rows] = theirs
 
     def traced(self):
@@ -737,7 +743,7 @@ class _LbfgsState:
         ``T`` is the largest number held by a problem; a problem with fewer
         has zeros in the other slots, marked not real.
         """
-        held = torch.clamp(self.count, max=self.trace[0].shape[1] - 1)
+        held = torch.clamp(self.accepted, max=self.trace[0].shape[1] - 1)
         size = int(held.max())
         real = torch.arange(size, device=held.device) < held.unsqueeze(1)
         return [ring[:, :size] for ring in self.trace], real
