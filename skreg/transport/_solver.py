@@ -773,14 +773,16 @@ class _GraphedLbfgs:
                 self.trial_out = self._try(trial, scale)
 
             self.replay_try = replay_try
-            self.replay_commit = lambda: state.advance(*self.trial_out[:3])
+            self.replay_commit = lambda: state.advance(*self.trial_out[:3],
+                                                       check=False)
             return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
         # The warm-up (library handles, workspaces) must not change the
-        # state: it runs on copies of the tensors prepare() writes.
+        # state: the tensors prepare() writes are saved first (on the current
+        # stream, before the side stream starts) and put back after.
         saved = [t.clone() for t in (state.search, state.slope, state.trial_step,
                                      state.tries, state.fresh)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._try(trial, scale)
         torch.cuda.current_stream().wait_stream(stream)
