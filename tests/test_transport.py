@@ -779,6 +779,16 @@ def test_a_batch_beyond_the_memory_caps_is_solved_in_chunks(monkeypatch):
     for g, single in enumerate(singles):
         np.testing.assert_array_equal(batched.plan[g], single.plan)
         np.testing.assert_array_equal(batched.alpha[g], single.alpha)
+    # Where k leaves no constrained last stage (k = n here), nothing is
+    # chunked.
+    joined = []
+    original = _solver._concatenate
+    monkeypatch.setattr(_solver, "_concatenate",
+                        lambda parts: joined.append(len(parts)) or original(parts))
+    sparsity_constrained_ot(a, b, C, 8, gamma)
+    assert joined == []
+    sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert joined == [3]
     monkeypatch.setattr(_solver, "_batch_chunk", lambda n, m, k: 8)
     whole = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert any(not np.array_equal(whole.alpha[g], single.alpha)

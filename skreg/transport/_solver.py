@@ -1431,13 +1431,15 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     SolverResult
     """
     n, m = C.shape[1:]
-    chunk = _batch_chunk(n, m, k)
+    slack = min(_working_set_size(k), n)
+    # The caps concern the last stage with k itself, which only a k below
+    # the slack has.
+    chunk = _batch_chunk(n, m, k) if k < slack else C.shape[0]
     if C.shape[0] > chunk:
         return _concatenate([
             solve_semi_dual(a[i:i + chunk], b[i:i + chunk], C[i:i + chunk], gamma, k,
                             max_iter=max_iter, tol=tol, patience=patience)
             for i in range(0, C.shape[0], chunk)])
-    slack = min(_working_set_size(k), n)
     work = _WorkingSet(a, b, C, int(_working_set_size(k) * _WORKING_SET_EXTRA))
     # A batch runs the longest path; each problem joins it at its own first
     # stage (it sits out the stages before), so it takes the path it takes
