@@ -333,6 +333,23 @@ def test_the_graphed_lbfgs_iteration_gives_the_eager_solve(monkeypatch, k):
     np.testing.assert_array_equal(res.plan, reference.plan)
 
 
+def test_the_graphed_rounds_give_the_eager_batch(monkeypatch):
+    # A batch whose problems take different numbers of iterations (and whose
+    # line searches end at different rounds) through the graphs' control
+    # flow, replayed eagerly on the CPU: the same results as the eager
+    # rounds (which retire finished problems, the graphs do not).
+    a, b, C = _routing(6, 8, 32, seed=1)
+    gamma = float(np.median(C))
+    reference = sparsity_constrained_ot(a, b, C, 2, gamma)
+    outcomes = _count_graphed_steps(monkeypatch, capture=False)
+    res = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert outcomes.count("taken") > 0
+    assert res.binding.any() and not res.binding.all()
+    np.testing.assert_array_equal(res.n_iter, reference.n_iter)
+    np.testing.assert_array_equal(res.alpha, reference.alpha)
+    np.testing.assert_array_equal(res.plan, reference.plan)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_give_the_eager_gpu_solve(monkeypatch):
     # scatter_add_ sums in a nondeterministic order on CUDA, so two GPU runs
