@@ -857,8 +857,9 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     the path it follows alone. ``pairs`` (``(s, y)``, each
     ``(B, memory, n)``) starts from an earlier run's pairs. Returns ``(x,
     n_iter, pairs, traced)``: ``n_iter`` (``(B,)``) counts each problem's
-    iterations; ``traced`` is None without ``trace``, else the extras at the
-    last ``trace`` iterates and which are real (:meth:`_LbfgsState.traced`).
+    iterations; ``traced`` is None without ``trace``, else the extras at each
+    problem's last ``trace`` accepted steps and which are real
+    (:meth:`_LbfgsState.traced`).
     ``active`` (``(B,)`` bool), when given, leaves the other problems
     untouched.
 
