@@ -389,7 +389,7 @@ class _WorkingSet:
         return self.a - rows, idx, t
 
 
-def _scatter_add(out, index, src):
+def _scatter_add(out, index, src, ordered=None):
     """``out.scatter_add_(1, index, src)`` for 2-D tensors, in a fixed order.
 
     CUDA's ``scatter_add_`` adds with atomics, in whatever order the threads
@@ -398,8 +398,9 @@ def _scatter_add(out, index, src):
     n = 1000, d = 2, k = 2: 1013 and 1202 iterations for the same call).
     There the sums go through ``index_put_(accumulate=True)``, which sorts
     the indices first; on the CPU ``scatter_add_`` is sequential already.
+    ``ordered`` (default: on CUDA) picks the ``index_put_`` path.
     """
-    if out.device.type != "cuda":
+    if not (out.device.type == "cuda" if ordered is None else ordered):
         return out.scatter_add_(1, index, src)
     offsets = torch.arange(0, out.numel(), out.shape[1], device=out.device)
     out.view(-1).index_put_(((index + offsets.unsqueeze(1)).reshape(-1),),
