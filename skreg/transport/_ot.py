@@ -15,6 +15,7 @@ from skreg.transport._solver import (
     SolverResult,
     _beta_from_plan,
     _marginal_error,
+    _plan_errors,
     dual_objective,
     semi_dual_objective,
     solve_dual,
@@ -210,9 +211,9 @@ def _dense_plan(idx, vals, n):
     return plan.scatter_(1, idx, vals)
 
 
-def _errors(plan, a, b):
-    return ((plan.sum(dim=2) - a).abs().sum(dim=1)
-            + (plan.sum(dim=1) - b).abs().sum(dim=1))
+def _cost(idx, vals, C):
+    """``<P, C>`` per problem for the plans ``vals`` on the rows ``idx``."""
+    return (vals * C.gather(1, idx)).sum(dim=(1, 2))
 
 
 # The exact-OT fallback of the repair runs POT's network simplex on the CPU,
@@ -302,7 +303,7 @@ def _exact_ot_support(a, b, C, idx, which, plans=None):
             torch.as_tensor(ok, device=idx.device))
 
 
-def _repair(res, plan, a, b, C, gamma, err, tol, binding):
+def _repair(res, a, b, C, gamma, err, tol, binding):
     """Re-solve on supports of at most k rows per column; keep the best plan.
 
     Up to three base supports, in turn: each column's top-k rows at the
@@ -328,9 +329,10 @@ def _repair(res, plan, a, b, C, gamma, err, tol, binding):
     still crawls (many such entries: n = 10,000 in 2-D), the positive
     support is solved by linear solves that drop negative entries
     (:func:`solve_linear_on_support`).
-    Returns the plan and which problems were repaired.
+    Returns the plans (rows ``(B, k, m)`` and values, the read-out's where
+    nothing was repaired) and which problems were repaired.
     """
-    n = C.shape[1]
+    plan_idx, plan_vals = res.idx.clone(), res.vals.clone()
     repaired = torch.zeros_like(err, dtype=torch.bool)
     best = torch.full_like(err, torch.inf)
     broken = err > tol
@@ -372,23 +374,24 @@ def _repair(res, plan, a, b, C, gamma, err, tol, binding):
                                                           mask=mask, tol=tol)
             else:
                 alpha, vals, _ = solve_linear_on_support(*sub, gamma, idx, mask, alpha)
-            plan_r = _dense_plan(idx, vals, n)
-            fixed = left & (_errors(plan_r, *sub[:2]) <= tol)
-            primal = _primal(plan_r, sub[2], gamma)
+            fixed = left & (_plan_errors(idx, vals, *sub[:2]) <= tol)
+            primal = _primal(idx, vals, sub[2], gamma)
             better = fixed & (primal < best[rows])
-            plan[rows] = torch.where(better.view(-1, 1, 1), plan_r, plan[rows])
+            take = better.view(-1, 1, 1)
+            plan_idx[rows] = torch.where(take, idx, plan_idx[rows])
+            plan_vals[rows] = torch.where(take, vals, plan_vals[rows])
             best[rows] = torch.where(better, primal, best[rows])
             repaired[rows] = repaired[rows] | fixed
             left = left & ~fixed
             if not bool(left.any()):
                 break
             mask = vals > 0
-    return plan, repaired
+    return plan_idx, plan_vals, repaired
 
 
-def _primal(plan, C, gamma):
-    """``<P, C> + (gamma / 2) ||P||^2`` per problem."""
-    return (plan * C).sum(dim=(1, 2)) + 0.5 * gamma * (plan * plan).sum(dim=(1, 2))
+def _primal(idx, vals, C, gamma):
+    """``<P, C> + (gamma / 2) ||P||^2`` per problem (plans as in ``_plan_errors``)."""
+    return _cost(idx, vals, C) + 0.5 * gamma * (vals * vals).sum(dim=(1, 2))
 
 
 def _binding(alpha, beta, a, b, C, gamma, k, formulation):
@@ -585,19 +588,20 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
                                   tol=tol_eff)
         else:
             res = solve_dual(a_t, b_t, C_t, gamma, k, max_iter=max_iter, tol=tol_eff)
-        plan = _dense_plan(res.idx, res.vals, n)
-        readout_err = _errors(plan, a_t, b_t)
+        idx, vals = res.idx, res.vals
+        readout_err = _plan_errors(idx, vals, a_t, b_t)
         alpha, beta = res.alpha, res.beta
         repaired = torch.zeros_like(readout_err, dtype=torch.bool)
         binding = _binding(res.alpha, res.beta, a_t, b_t, C_t, gamma, k, formulation)
         if repair and bool((readout_err > tol_eff).any()):
             # The potentials stay those of the best dual: they certify the
             # lower bound, while the repaired plan gives the upper bound.
-            plan, repaired = _repair(res, plan, a_t, b_t, C_t, gamma, readout_err,
-                                     tol_eff, binding)
-        err = _errors(plan, a_t, b_t)
-        cost = (plan * C_t).sum(dim=(1, 2))
-        primal = _primal(plan, C_t, gamma)
+            idx, vals, repaired = _repair(res, a_t, b_t, C_t, gamma, readout_err,
+                                          tol_eff, binding)
+        err = _plan_errors(idx, vals, a_t, b_t)
+        cost = _cost(idx, vals, C_t)
+        primal = _primal(idx, vals, C_t, gamma)
+        plan = _dense_plan(idx, vals, n)
 
     if bool((err > tol_eff).any()):
         n, m = C_t.shape[1:]
