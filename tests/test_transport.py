@@ -571,6 +571,56 @@ def test_too_few_nonzeros_for_the_rows_is_named_in_the_warning():
     assert np.count_nonzero(res.plan, axis=0).max() <= 2
 
 
+def _least_marginal_miss(a, b, idx, mask):
+    """min over nonnegative plans on the support of the L1 marginal error (an LP)."""
+    from scipy.optimize import linprog
+
+    n, (k, m) = a.size, idx.shape
+    entries = [(s, j) for s in range(k) for j in range(m) if mask[s, j]]
+    size = len(entries) + 2 * (n + m)
+    eq = np.zeros((n + m, size))
+    for v, (s, j) in enumerate(entries):
+        eq[idx[s, j], v] += 1.0
+        eq[n + j, v] += 1.0
+    slack = len(entries) + np.arange(n + m)
+    eq[np.arange(n + m), slack] = 1.0
+    eq[np.arange(n + m), slack + n + m] = -1.0
+    cost = np.concatenate([np.zeros(len(entries)), np.ones(2 * (n + m))])
+    return linprog(cost, A_eq=eq, b_eq=np.concatenate([a, b]), bounds=(0, None),
+                   method="highs").fun
+
+
+def test_flow_test_flags_exactly_the_supports_that_hold_no_plan():
+    # Against the LP of the least marginal miss over plans on each support:
+    # a support whose LP reaches the marginals is never flagged, and one
+    # that misses them by more than the test's resolution always is.
+    rng = np.random.RandomState(0)
+    flagged = 0
+    for _ in range(120):
+        n, m = rng.randint(2, 7, size=2)
+        k = min(rng.randint(1, 4), n)
+        a, b = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(m))
+        idx = np.stack([rng.choice(n, k, replace=False) for _ in range(m)], axis=1)
+        mask = rng.rand(k, m) < 0.8
+        mask[0] = True
+        miss = _least_marginal_miss(a, b, idx, mask)
+        lacks = _ot._lacks_plan(_t(a), _t(b), _t(idx), _t(mask), 1e-9)[0]
+        assert not (lacks and miss <= 1e-9)
+        assert lacks or miss <= 1e-6
+        flagged += lacks
+    # Both kinds occur (most random supports of this size hold no plan).
+    assert 20 < flagged < 110
+    # A batch is one graph of disjoint parts: each problem's answer is its own.
+    a, b = rng.dirichlet(np.ones(5), size=30), rng.dirichlet(np.ones(6), size=30)
+    idx = np.stack([np.stack([rng.choice(5, 2, replace=False) for _ in range(6)], 1)
+                    for _ in range(30)])
+    batch = _ot._lacks_plan(*map(torch.as_tensor, (a, b, idx)), None, 1e-9)
+    assert 0 < batch.sum() < 30
+    for i in range(30):
+        alone = _ot._lacks_plan(_t(a[i]), _t(b[i]), _t(idx[i]), None, 1e-9)
+        assert batch[i] == alone[0]
+
+
 def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
     # The solver's supports are replaced by rows {0, 1} in every column: no
     # plan on them has the a-marginal, so the top-k solve and its positive
@@ -590,17 +640,25 @@ def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
         res.averaged_support = None
         return res
 
-    calls = []
+    calls, solved = [], []
     original = _ot._exact_ot_support
+    on_support = _ot.solve_on_support
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
+    def spy_solve(a, b, C, gamma, idx, *args, **kwargs):
+        solved.append(idx.clone())
+        return on_support(a, b, C, gamma, idx, *args, **kwargs)
+
     monkeypatch.setattr(_ot, "solve_semi_dual", crippled)
     monkeypatch.setattr(_ot, "_exact_ot_support", spy)
+    monkeypatch.setattr(_ot, "solve_on_support", spy_solve)
     res = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert calls and res.repaired
+    # The flow test rejects the crippled support: no Newton attempt on it.
+    assert solved and all(int(idx.max()) > 1 for idx in solved)
     assert res.readout_marginal_error > 1.0
     assert res.marginal_error <= 1e-9
     assert np.count_nonzero(res.plan, axis=0).max() <= 2

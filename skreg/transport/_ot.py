@@ -303,6 +303,58 @@ def _exact_ot_support(a, b, C, idx, which, plans=None):
             torch.as_tensor(ok, device=idx.device))
 
 
+# Masses are scaled to integers summing to about this for the max-flow test.
+_FLOW_SCALE = 2 ** 30
+
+
+def _lacks_plan(a, b, idx, mask, tol):
+    """Problems whose support certainly holds no plan within ``tol`` of the marginals.
+
+    The support (rows ``idx``, ``(B, k, m)``, where ``mask`` is true) holds
+    a plan with the marginals exactly when the maximum flow from the rows
+    (capacities ``a``) to the columns (capacities ``b``) along it carries
+    all the mass. Any nonnegative plan on it misses the marginals by at
+    least the flow's deficit in L1 (trim it to the capacities: what is left
+    is a flow). The flow is computed in integers (SciPy's Dinic, on the
+    host, one graph for the whole batch) with the supplies rounded up and
+    the demands down, which can only raise it, and a problem is flagged
+    only where the deficit exceeds that rounding (``m`` units) and ``tol``:
+    a flagged support is infeasible, never a feasible one misjudged.
+    Returns a ``(B,)`` bool NumPy array.
+    """
+    from scipy.sparse.csgraph import maximum_flow
+
+    a_np, b_np = to_numpy(a), to_numpy(b)
+    idx_np = to_numpy(idx)
+    batch, k, m = idx_np.shape
+    n = a_np.shape[1]
+    keep = (np.ones((batch, k, m), dtype=bool) if mask is None
+            else to_numpy(mask).astype(bool))
+    total = np.maximum(a_np.sum(axis=1), b_np.sum(axis=1))
+    scale = _FLOW_SCALE / np.where(total > 0, total, 1.0)
+    supply = np.ceil(a_np * scale[:, None]).astype(np.int64)
+    demand = np.floor(b_np * scale[:, None]).astype(np.int64)
+    # Node 0 is the source, the last the sink; problem i's rows and columns
+    # follow 1 + i (n + m).
+    base = 1 + (n + m) * np.arange(batch)
+    rows = base[:, None] + np.arange(n)
+    cols = base[:, None] + n + np.arange(m)
+    problem, slot, col = np.nonzero(keep)
+    sink = 1 + (n + m) * batch
+    tails = np.concatenate([np.zeros(rows.size, dtype=np.int64),
+                            rows[problem, idx_np[problem, slot, col]], cols.ravel()])
+    heads = np.concatenate([rows.ravel(), cols[problem, col],
+                            np.full(cols.size, sink)])
+    caps = np.concatenate([supply.ravel(), demand[problem, col], demand.ravel()])
+    graph = sp.csr_array((caps.astype(np.int32), (tails, heads)),
+                         shape=(sink + 1, sink + 1))
+    flow = maximum_flow(graph, 0, sink).flow.tocsc()[:, [sink]].tocoo()
+    arrived = np.zeros(batch, dtype=np.int64)
+    into = flow.data > 0
+    np.add.at(arrived, (flow.row[into] - 1) // (n + m), flow.data[into])
+    return (total > 0) & (demand.sum(axis=1) - arrived > m + tol * scale)
+
+
 def _repair(res, a, b, C, gamma, err, tol, binding):
     """Re-solve on supports of at most k rows per column; keep the best plan.
 
@@ -320,6 +372,13 @@ def _repair(res, a, b, C, gamma, err, tol, binding):
     --hard-binding`` with full BFGS: the averaged support gave the lower
     primal on 25 of the 28 problems where both it and the top-k support had
     a feasible plan).
+
+    A base support that a maximum flow shows to hold no plan with the
+    marginals (:func:`_lacks_plan`) gets no Newton attempt: those attempts
+    only ran until the infeasibility certificate or their step window
+    stopped them (measured, same plans: n = 3000, d = 2, k = 2,
+    gamma = 0.1 median(C): repair 2.0 s -> 0.6 s; n = 1000, d = 10, k = 2,
+    0.1 median(C) n: 0.83 s -> 0.42 s).
 
     Where the solve on a base support misses the marginals, it is re-solved
     on the rows that solve gave mass: near a degenerate optimum (an entry
@@ -366,6 +425,16 @@ def _repair(res, a, b, C, gamma, err, tol, binding):
             idx, mask = res.averaged_support(rows)
             fill = fill.clone()
             fill[rows] = idx
+        if base != "exact_ot":
+            # No Newton attempts on a support that holds no plan (the
+            # exact-OT support holds one by construction).
+            holds = ~torch.as_tensor(_lacks_plan(a[rows], b[rows], idx, mask, tol),
+                                     device=rows.device)
+            if not bool(holds.all()):
+                rows, idx, alpha = rows[holds], idx[holds], alpha[holds]
+                mask = None if mask is None else mask[holds]
+                if rows.numel() == 0:
+                    continue
         sub = (a[rows], b[rows], C[rows])
         left = torch.ones_like(rows, dtype=torch.bool)
         for attempt in range(3):
