@@ -1076,6 +1076,19 @@ def test_float32_and_torch_inputs_keep_their_type_and_device(device):
     assert float(res.marginal_error) <= 1e-4
 
 
+def test_results_are_ordinary_tensors_that_autograd_and_callers_can_use():
+    # The solver runs in inference mode; what it returns must not be an
+    # inference tensor (those can be neither saved for backward nor changed
+    # in place outside inference mode).
+    a, b, C = (torch.as_tensor(x) for x in _problem(n=10, seed=4))
+    res = sparsity_constrained_ot(a, b, C, 2, 0.5)
+    for name, value in vars(res).items():
+        if isinstance(value, torch.Tensor):
+            assert not value.is_inference(), name
+    res.plan.mul_(2.0)
+    res.alpha.add_(1.0)
+
+
 def test_massless_rows_and_columns_receive_nothing():
     a, b, C = _problem(n=8, m=6, seed=11)
     a[[1, 4]] = 0.0

@@ -648,7 +648,9 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
     # float32 cannot reach 1e-9: aim at what it can resolve.
     tol_eff = max(tol, 100 * torch.finfo(C_t.dtype).eps)
     n = C_t.shape[1]
-    with torch.no_grad():
+    # Inference mode skips autograd's per-operation bookkeeping, which no_grad
+    # keeps (the solver runs hundreds of small operations per iteration).
+    with torch.inference_mode():
         if (formulation == "semi_dual" and k == 1
                 and C_t.shape[1] * C_t.shape[2] <= _EXACT_OT_MAX_ENTRIES):
             res = _solve_one_sparse(a_t, b_t, C_t, gamma, tol_eff)
@@ -659,7 +661,6 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
             res = solve_dual(a_t, b_t, C_t, gamma, k, max_iter=max_iter, tol=tol_eff)
         idx, vals = res.idx, res.vals
         readout_err = _plan_errors(idx, vals, a_t, b_t)
-        alpha, beta = res.alpha, res.beta
         repaired = torch.zeros_like(readout_err, dtype=torch.bool)
         binding = _binding(res.alpha, res.beta, a_t, b_t, C_t, gamma, k, formulation)
         if repair and bool((readout_err > tol_eff).any()):
@@ -667,6 +668,15 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
             # lower bound, while the repaired plan gives the upper bound.
             idx, vals, repaired = _repair(res, a_t, b_t, C_t, gamma, readout_err,
                                           tol_eff, binding)
+    # What is returned is made of ordinary tensors (inference tensors can be
+    # neither saved for backward nor changed in place outside inference mode).
+    with torch.no_grad():
+        res.alpha, res.beta, res.dual_objective, res.n_iter, res.converged = (
+            x.clone() for x in (res.alpha, res.beta, res.dual_objective, res.n_iter,
+                                res.converged))
+        alpha, beta = res.alpha, res.beta
+        readout_err, repaired, binding = (
+            x.clone() for x in (readout_err, repaired, binding))
         err = _plan_errors(idx, vals, a_t, b_t)
         cost = _cost(idx, vals, C_t)
         primal = _primal(idx, vals, C_t, gamma)
