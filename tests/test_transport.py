@@ -621,14 +621,49 @@ def test_flow_test_flags_exactly_the_supports_that_hold_no_plan():
         assert batch[i] == alone[0]
 
 
-def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
+def test_candidate_ot_is_the_exact_plan_on_the_best_rows():
+    # At the exact OT potentials every entry of an optimal plan is among its
+    # column's best rows (it attains the c-transform), so the LP restricted
+    # to the candidates reaches the exact OT cost: a plan with the marginals,
+    # on candidate entries only, whose support is a forest (a vertex).
+    a, b, C = _problem(n=30, m=24, seed=5)
+    a = np.random.RandomState(1).rand(30) + 0.5
+    a /= a.sum()
+    _, log = ot.emd(a, b, C, log=True)
+    alpha = _t(log["u"])
+    (rows, cols, vals), = _ot._candidate_ot(_t(a), _t(b), _t(C), alpha,
+                                            torch.ones(1, dtype=torch.bool))
+    plan = np.zeros((30, 24))
+    np.add.at(plan, (rows, cols), vals)
+    np.testing.assert_allclose(plan.sum(axis=1), a, atol=1e-9)
+    np.testing.assert_allclose(plan.sum(axis=0), b, atol=1e-9)
+    assert abs((plan * C).sum() - ot.emd2(a, b, C)) <= 1e-9
+    assert rows.size <= 30 + 24 - 1
+    best = np.argsort(-(log["u"][:, None] - C), axis=0, kind="stable")
+    rank = np.argsort(best, axis=0)[rows, cols]
+    assert rank.max() < _ot._CANDIDATE_ROWS + 2  # ties at the c-transform
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_repair_falls_back_on_an_exact_ot_support(monkeypatch, restricted):
     # The solver's supports are replaced by rows {0, 1} in every column: no
     # plan on them has the a-marginal, so the top-k solve and its positive
     # re-solve must both fail, and the repair must fall back on the exact OT
     # plan's rows completed to 2 per column. That support holds a feasible
     # plan; the repaired plan is optimal on it, so it costs at most what the
-    # exact OT plan costs there.
+    # exact OT plan costs there. With ``restricted`` the exact plan is the LP
+    # on each column's best rows (as on large problems), and POT's network
+    # simplex must not run.
     a, b, C = _problem(n=12, seed=2)
+    emd_calls = []
+    emd = _ot._emd
+
+    def spy_emd(*args):
+        emd_calls.append(1)
+        return emd(*args)
+
+    monkeypatch.setattr(_ot, "_emd", spy_emd)
+    monkeypatch.setattr(_ot, "_CANDIDATE_OT_MIN_ENTRIES", 0 if restricted else 10**9)
     gamma = 10.0 * np.median(C)
     solve = _ot.solve_semi_dual
 
@@ -662,7 +697,14 @@ def test_repair_falls_back_on_an_exact_ot_support(monkeypatch):
     assert res.readout_marginal_error > 1.0
     assert res.marginal_error <= 1e-9
     assert np.count_nonzero(res.plan, axis=0).max() <= 2
-    exact = ot.emd(a, b, C)
+    assert bool(emd_calls) != restricted
+    if restricted:
+        (rows, cols, vals), = _ot._candidate_ot(_t(a), _t(b), _t(C), _t(res.alpha),
+                                                torch.ones(1, dtype=torch.bool))
+        exact = np.zeros_like(C)
+        np.add.at(exact, (rows, cols), vals)
+    else:
+        exact = ot.emd(a, b, C)
     exact_primal = (exact * C).sum() + 0.5 * gamma * (exact ** 2).sum()
     assert res.primal_objective <= exact_primal + 1e-12
     assert res.duality_gap >= -1e-9
