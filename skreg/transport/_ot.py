@@ -710,9 +710,12 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
     # float32 cannot reach 1e-9: aim at what it can resolve.
     tol_eff = max(tol, 100 * torch.finfo(C_t.dtype).eps)
     n = C_t.shape[1]
-    # Inference mode skips autograd's per-operation bookkeeping, which no_grad
-    # keeps (the solver runs hundreds of small operations per iteration).
-    with torch.inference_mode():
+    # On the CPU, inference mode skips autograd's per-operation bookkeeping,
+    # which no_grad keeps (the solver runs hundreds of small operations per
+    # iteration). A GPU keeps no_grad alone: its rounds replay as CUDA graphs,
+    # which skip the per-operation dispatch anyway, and were validated so.
+    quiet = torch.inference_mode if C_t.device.type == "cpu" else torch.no_grad
+    with quiet():
         if (formulation == "semi_dual" and k == 1
                 and C_t.shape[1] * C_t.shape[2] <= _EXACT_OT_MAX_ENTRIES):
             res = _solve_one_sparse(a_t, b_t, C_t, gamma, tol_eff)
