@@ -427,6 +427,29 @@ def test_gpu_solves_are_reproducible():
 
 
 @pytest.mark.gpu
+def test_the_repairs_host_steps_take_gpu_tensors():
+    # The flow test and the restricted exact plan run on the host; with CUDA
+    # inputs they must give what they give on the CPU.
+    a, b, C = _problem(n=30, m=24, seed=5)
+    _, log = ot.emd(a, b, C, log=True)
+    rng = np.random.RandomState(2)
+    idx = np.stack([np.stack([rng.choice(30, 2, replace=False) for _ in range(24)], 1)
+                    for _ in range(3)])
+    args = (np.stack([a] * 3), np.stack([b] * 3), idx)
+    cpu = _ot._lacks_plan(*map(torch.as_tensor, args), None, 1e-9)
+    gpu = _ot._lacks_plan(*(torch.as_tensor(x, device="cuda") for x in args), None,
+                          1e-9)
+    np.testing.assert_array_equal(cpu, gpu)
+    which = torch.ones(1, dtype=torch.bool)
+    (rows, cols, vals), = _ot._candidate_ot(_t(a), _t(b), _t(C), _t(log["u"]), which)
+    (g_rows, g_cols, g_vals), = _ot._candidate_ot(
+        *(_t(x).cuda() for x in (a, b, C, log["u"])), which.cuda())
+    np.testing.assert_array_equal(rows, g_rows)
+    np.testing.assert_array_equal(cols, g_cols)
+    np.testing.assert_allclose(vals, g_vals, atol=1e-12)
+
+
+@pytest.mark.gpu
 def test_cuda_graphs_run_full_bfgs_where_k_binds(monkeypatch):
     # The last stage of a small binding problem runs full BFGS and traces its
     # iterates inside the captured graphs: it must reach POT's dual, as the
