@@ -444,9 +444,14 @@ def test_the_repairs_host_steps_take_gpu_tensors():
     (rows, cols, vals), = _ot._candidate_ot(_t(a), _t(b), _t(C), _t(log["u"]), which)
     (g_rows, g_cols, g_vals), = _ot._candidate_ot(
         *(_t(x).cuda() for x in (a, b, C, log["u"])), which.cuda())
-    np.testing.assert_array_equal(rows, g_rows)
-    np.testing.assert_array_equal(cols, g_cols)
-    np.testing.assert_allclose(vals, g_vals, atol=1e-12)
+    # The candidates' order (and, where the LP is degenerate, its vertex) may
+    # differ between the devices' top-k; the plan's marginals and cost may not.
+    plan = np.zeros_like(C)
+    np.add.at(plan, (g_rows, g_cols), g_vals)
+    np.testing.assert_allclose(plan.sum(1), a, atol=1e-12)
+    np.testing.assert_allclose(plan.sum(0), b, atol=1e-12)
+    assert np.count_nonzero(plan) <= C.shape[0] + C.shape[1] - 1
+    assert abs((plan * C).sum() - (vals * C[rows, cols]).sum()) < 1e-12
 
 
 @pytest.mark.gpu
