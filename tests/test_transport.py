@@ -547,6 +547,55 @@ def test_repair_falls_back_to_linear_solves_when_newton_crawls(monkeypatch):
     assert np.count_nonzero(res.plan, axis=0).max() <= 10
 
 
+@pytest.mark.parametrize("n, seed, max_iter, certified",
+                         [(60, 2, 12, False), (80, 2, 16, True)])
+def test_repair_narrows_a_slack_support_and_keeps_only_a_certified_plan(
+        monkeypatch, n, seed, max_iter, certified):
+    # Where k does not bind, the repair solves first on the entries the dual's
+    # plan uses. That plan is kept only where the duality gap certifies it;
+    # otherwise the whole top-k support is solved. Either way the result is
+    # the quadratically regularized optimum (k is slack), POT's l2 plan.
+    a, b, C = _problem(n=n, seed=seed)
+    gamma = 0.1 * float(np.median(C))
+    reference = _quiet(ot.smooth.smooth_ot_dual, a, b, C, gamma, reg_type="l2",
+                       stopThr=1e-15, numItermax=100000)
+    res = _solver.solve_semi_dual(_t(a), _t(b), _t(C), gamma, 10, max_iter=max_iter)
+    if certified:
+        # The converged dual: a tight lower bound.
+        res.dual_objective = _solver.solve_semi_dual(_t(a), _t(b), _t(C), gamma,
+                                                     10).dual_objective
+    err = _solver._plan_errors(res.idx, res.vals, _t(a), _t(b))
+    assert 1e-6 < float(err[0]) < 1.0
+    calls = []
+    original = _ot.solve_on_support
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((kwargs.get("mask"), out))
+        return out
+
+    monkeypatch.setattr(_ot, "solve_on_support", spy)
+    idx, vals, repaired = _ot._repair(res, _t(a), _t(b), _t(C), gamma, err, 1e-9,
+                                      torch.zeros(1, dtype=torch.bool))
+    plan = _ot._dense_plan(idx, vals, n)[0].numpy()
+    assert bool(repaired[0])
+    np.testing.assert_allclose(plan, reference, atol=1e-6)
+    # The first solve ran on the read-out's positive entries alone.
+    mask, (_, first_vals, first_idx, first_err, _) = calls[0]
+    assert int(mask.sum()) == int((res.vals > 0).sum())
+    narrowed = _ot._dense_plan(first_idx, first_vals, n)[0].numpy()
+    assert float(first_err[0]) <= 1e-9
+    if certified:
+        assert len(calls) == 1
+    else:
+        # A plan with the marginals, but not the optimum: the gap did not
+        # certify it, and the whole support's solve found the cheaper plan.
+        assert len(calls) > 1
+        assert np.abs(narrowed - reference).max() > 1e-4
+        primal = (plan * C).sum() + 0.5 * gamma * (plan ** 2).sum()
+        assert (narrowed * C).sum() + 0.5 * gamma * (narrowed ** 2).sum() > primal
+
+
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
     a, b, C = _problem(n=10, seed=4)
     gamma = 2.0
