@@ -596,6 +596,39 @@ def test_repair_narrows_a_slack_support_and_keeps_only_a_certified_plan(
         assert (narrowed * C).sum() + 0.5 * gamma * (narrowed ** 2).sum() > primal
 
 
+@pytest.mark.parametrize("try_all", [False, True])
+def test_binding_repair_keeps_the_narrowed_plan_unless_it_tries_every_support(
+        monkeypatch, try_all):
+    # Where k binds on a problem too large to try every support, the repair
+    # keeps the first plan with the marginals; the first try is the entries
+    # the dual's plan uses. Small problems try every support, whole first.
+    a, b, C = _problem(n=40, seed=0)
+    gamma = 0.1 * float(np.median(C))
+    res = _solver.solve_semi_dual(_t(a), _t(b), _t(C), gamma, 2)
+    err = _solver._plan_errors(res.idx, res.vals, _t(a), _t(b))
+    binding = _ot._binding(res.alpha, res.beta, _t(a), _t(b), _t(C), gamma, 2,
+                           "semi_dual")
+    assert bool(binding[0]) and float(err[0]) > 1e-6
+    if not try_all:
+        monkeypatch.setattr(_ot, "_TRY_ALL_SUPPORTS_ENTRIES", 0)
+    masks = []
+    original = _ot.solve_on_support
+    monkeypatch.setattr(_ot, "solve_on_support", lambda *args, **kw: masks.append(
+        kw.get("mask")) or original(*args, **kw))
+    idx, vals, repaired = _ot._repair(res, _t(a), _t(b), _t(C), gamma, err, 1e-9,
+                                      binding)
+    plan = _ot._dense_plan(idx, vals, 40)[0].numpy()
+    assert bool(repaired[0])
+    np.testing.assert_allclose(plan.sum(1), a, atol=1e-9)
+    np.testing.assert_allclose(plan.sum(0), b, atol=1e-9)
+    assert np.count_nonzero(plan, axis=0).max() <= 2
+    if try_all:
+        assert masks[0] is None
+    else:
+        assert len(masks) == 1
+        assert int(masks[0].sum()) == int((res.vals > 0).sum())
+
+
 def test_k_at_least_n_equals_quadratically_regularized_ot_of_pot():
     a, b, C = _problem(n=10, seed=4)
     gamma = 2.0

@@ -433,19 +433,21 @@ def _repair(res, a, b, C, gamma, err, tol, binding):
     primal on 25 of the 28 problems where both it and the top-k support had
     a feasible plan).
 
-    Where k does not bind, the top-k support is first narrowed to the
-    entries the dual's plan already uses: Newton, then linear solves, there;
-    that plan is kept where the duality gap certifies it (primal within
-    ``tol (1 + |dual|)`` of the dual objective), and otherwise only as a
-    candidate. On a GPU at n = 10,000 (2-D clouds, k = 10, gamma = 0.1
-    median(C)) Newton on the whole top-k support crossed a few new kinks per
-    step (the active set grew by about 40 entries a step, each step cut to
-    1/64) for 25 steps without lowering its error, 0.6-0.75 s, before the
-    solves on the entries it gave mass repaired the plan; narrowed first,
-    the repair took 0.32 s instead of 0.97-1.24 s, the whole solve 2.21 s
-    instead of 2.99-3.20 s (n = 30,000: 14.6 s instead of 15.7-18.0 s), the
-    same plans. Where k binds the gap does not close, and the narrowed solve
-    would only add time.
+    Except where every support is tried, the top-k support is first
+    narrowed to the entries the dual's plan already uses: Newton, then
+    linear solves, there. Where k does not bind, that plan is kept where the
+    duality gap certifies it (primal within ``tol (1 + |dual|)`` of the dual
+    objective), and otherwise only as a candidate; where k binds, a plan
+    with the marginals there is kept, as the first plan found is elsewhere.
+    On a GPU at n = 10,000 (2-D clouds, gamma = 0.1 median(C)) Newton on
+    the whole top-k support crossed a few new kinks per step (the active set
+    grew by about 40 entries a step, each step cut to 1/64) for 25-30 steps
+    without lowering its error, 0.6-0.75 s, before the solves on the entries
+    it gave mass repaired the plan. Narrowed first: k = 10 (not binding),
+    repair 0.97 s -> 0.32 s, the same plan (n = 30,000: the row 15.7-18.0 s
+    -> 14.5 s); d = 10, k = 2 (binding), repair 0.6-0.75 s -> 0.12 s, a plan
+    whose primal is 1e-9 higher (measured on the CPU rows: at most 1e-9
+    relative higher, the marginals met either way).
 
     A base support that a maximum flow shows to hold no plan with the
     marginals (:func:`_lacks_plan`) gets no Newton attempt: those attempts
@@ -513,12 +515,13 @@ def _repair(res, a, b, C, gamma, err, tol, binding):
                     continue
         sub = (a[rows], b[rows], C[rows])
         left = torch.ones_like(rows, dtype=torch.bool)
-        # Where k does not bind, the top-k support is first narrowed to the
-        # entries the dual's plan uses (attempt 0), and that plan is kept
-        # only where the duality gap certifies it; attempts 1-3 are the
-        # whole support, then its solve's positive entries, then linear
-        # solves on those.
-        first = torch.zeros_like(left) if base != "top_k" else ~binding[rows]
+        # Except where every support is tried, the top-k support is first
+        # narrowed to the entries the dual's plan uses (attempt 0). Where k
+        # binds, a plan there with the marginals is kept, as the first plan
+        # found always was; where it does not, only if the duality gap
+        # certifies it. Attempts 1-3 are the whole support, then its solve's
+        # positive entries, then linear solves on those.
+        first = torch.zeros_like(left) if base != "top_k" else ~try_all[rows]
         start, whole_idx, whole_mask = alpha, idx, mask
         if bool(first.any()):
             _, _, idx, t = semi_dual_objective(alpha, *sub, gamma, idx.shape[1], idx,
@@ -558,7 +561,8 @@ def _repair(res, a, b, C, gamma, err, tol, binding):
             done = fixed
             if attempt == 0:
                 bound = res.dual_objective[where]
-                done = fixed & (primal - bound <= tol * (1.0 + bound.abs()))
+                done = fixed & ((primal - bound <= tol * (1.0 + bound.abs()))
+                                | binding[where])
             better = fixed & (primal < best[where])
             take = better.view(-1, 1, 1)
             plan_idx[where] = torch.where(take, new_idx, plan_idx[where])
