@@ -557,7 +557,7 @@ def _repair(res, a, b, C, gamma, err, tol, binding):
                 fixed = _plan_errors(new_idx, vals, *piece[:2]) <= tol
             primal = _primal(new_idx, vals, piece[2], gamma)
             # Done where the plan has the marginals; for the used entries'
-            # plan, only where the duality gap certifies it.
+            # plan, only where k binds or the duality gap certifies it.
             done = fixed
             if attempt == 0:
                 bound = res.dual_objective[where]
