@@ -153,40 +153,84 @@ def test_lbfgs_direction_is_the_bfgs_inverse_hessian_times_the_gradient():
         np.testing.assert_allclose(d[i], H @ g[i], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("k", [1, 3, 8])
-def test_working_set_evaluations_equal_the_full_objective_along_a_path(k):
-    # The working set keeps 2k or k + 16 rows per column (of 60 here) and
-    # certifies that no other row could enter; along a random path with
-    # large and small moves every evaluation must equal the full one, and the
-    # moves must have forced refreshes, of all columns and of the failing ones
-    # only, past the number of snapshots (or the check would prove nothing).
-    # Two problems in a batch share the snapshots.
-    problems = [_problem(n=60, seed=s) for s in (3, 4)]
+def _working_set_path(k, n, reserve_factor, monkeypatch):
+    # Evaluations along a random path with large and small moves, each
+    # checked against the full objective; returns the working set (its
+    # refresh counts) and its last evaluation point.
+    monkeypatch.setattr(_solver, "_RESERVE_FACTOR", reserve_factor)
+    problems = [_problem(n=n, seed=s) for s in (3, 4)]
     a_t, b_t, C_t = (torch.as_tensor(np.stack([p[i] for p in problems]))
                      for i in range(3))
     work = _WorkingSet(a_t, b_t, C_t, _working_set_size(k))
-    assert work.size < 60
+    assert work.size < n
     rng = np.random.RandomState(4)
     alpha = C_t.amin(dim=2)
     refreshes = []
     for step in range(150):
-        alpha = alpha + torch.as_tensor(rng.randn(2, 60)) * (
+        alpha = alpha + torch.as_tensor(rng.randn(2, n)) * (
             3.0 if step % 20 == 0 else 0.1)
         value, grad, idx, t = work(alpha, 0.05, k)
         full = semi_dual_objective(alpha, a_t, b_t, C_t, 0.05, k)
         assert torch.allclose(value, full[0], rtol=1e-12, atol=1e-12)
         assert torch.allclose(grad, full[1], rtol=1e-12, atol=1e-12)
         refreshes.append((work.n_refresh - work.n_partial, work.n_partial))
+    return work, alpha, refreshes, (a_t, b_t, C_t)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_working_set_evaluations_equal_the_full_objective_along_a_path(k, monkeypatch):
+    # The working set keeps 2k or k + 16 rows per column (of 60 here) and
+    # certifies that no other row could enter; along a random path every
+    # evaluation must equal the full one, and the moves must have forced
+    # refreshes, of all columns and of the failing ones only, past the
+    # number of snapshots (or the check would prove nothing). Two problems
+    # in a batch share the snapshots. No reserve here (factor 1): each
+    # column is certified by the bound of its last refresh alone.
+    work, alpha, refreshes, (a_t, b_t, C_t) = _working_set_path(
+        k, 60, 1, monkeypatch)
+    assert work.ridx.shape[2] == 0
     assert refreshes[-1][0] > refreshes[0][0]
     assert refreshes[-1][1] > _solver._MAX_SNAPSHOTS
     # A floor above the working-set value skips the refresh and returns an
     # upper bound of the exact value.
+    rng = np.random.RandomState(5)
     far = alpha + torch.as_tensor(rng.randn(2, 60)) * 2.0
     before = work.n_refresh
     bound = work(far, 0.05, k, floor=torch.full((2,), np.inf))[0]
     exact = semi_dual_objective(far, a_t, b_t, C_t, 0.05, k)[0]
     assert work.n_refresh == before
     assert bool((bound >= exact - 1e-12).all())
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_working_set_reserve_certifies_columns_and_stays_exact(k, monkeypatch):
+    # With a reserve (the rows ranked after the working set at each
+    # refresh, and a bound on the rest), a column whose own bound fails is
+    # still certified where the reserve shows no row can enter. Along the
+    # path every evaluation must stay exact (checked in the helper), the
+    # reserve may only ever drop columns from the failing set, and it must
+    # have certified some (or the check would prove nothing). 240 rows, at
+    # most 96 ranked: the reserve holds rows and leaves some beyond it.
+    saved = []
+    original = _WorkingSet._evaluate
+
+    def evaluate(self, alpha, gamma, k):
+        out = original(self, alpha, gamma, k)
+        if self.snapshots is not None:
+            value, picked, _, _, tau = out
+            with_reserve = self._uncertified(alpha, gamma, value, picked, tau, None)
+            ridx, rC = self.ridx, self.rC
+            self.ridx, self.rC = ridx[..., :0], rC[..., :0]
+            own = self._uncertified(alpha, gamma, value, picked, tau, None)
+            self.ridx, self.rC = ridx, rC
+            assert not bool((with_reserve & ~own).any())
+            saved.append(int((own & ~with_reserve).sum()))
+        return out
+
+    monkeypatch.setattr(_WorkingSet, "_evaluate", evaluate)
+    work = _working_set_path(k, 240, 4, monkeypatch)[0]
+    assert 0 < work.ridx.shape[2] and work.size + work.ridx.shape[2] < 239
+    assert sum(saved) > 0
 
 
 def test_coarse_start_reaches_the_same_plan(monkeypatch):
