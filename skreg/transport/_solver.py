@@ -197,8 +197,13 @@ _MAX_SNAPSHOTS = 8
 _FULL_REFRESH_SHARE = 0.75
 # Rows per column a refresh ranks, as a multiple of the working set's size:
 # the working set, then a reserve that certifies it when its own bound fails
-# (see _WorkingSet._uncertified).
-_RESERVE_FACTOR = 4
+# (see _WorkingSet._uncertified). None on the CPU (factor 1): there scoring
+# the reserve at every evaluation cost more than the refreshes it saved
+# (n = 1000, d = 10, k = 2, 0.1 median(C) n: same 1018 iterations, 2.6 ->
+# 3.1 s), and it sent the binding problems on other paths, some slower
+# (0.1 median(C): 226 -> 378 iterations, 0.9 -> 2.1 s).
+_RESERVE_FACTOR = 1
+_RESERVE_FACTOR_GPU = 4
 
 
 class _WorkingSet:
@@ -223,14 +228,14 @@ class _WorkingSet:
     free, every column is refreshed and a single snapshot remains.
 
     The bound is loose: one row whose potential jumps fails every column.
-    So a refresh ranks ``_RESERVE_FACTOR`` times ``size`` rows, and the rows
-    after the working set (the reserve, with the bound on the rows beyond
-    it) give a failing column a second test, scoring those rows at the new
-    potentials. Measured, the reserve halves the refreshes: on the CPU at
-    n = 3000, d = 2, k = 10 (0.1 median(C)), 144 -> 93 refreshes, 3.2 -> 2.0
-    to 2.3 s of refresh time; on an H100 at n = 10,000, d = 2, 215 -> 103
-    (k = 2, 0.1 median(C)) and 261 -> 104 (k = 2, 0.1 median(C) n: that
-    solve 1.93 -> 1.59 s).
+    So on a GPU a refresh ranks ``_RESERVE_FACTOR_GPU`` times ``size`` rows,
+    and the rows after the working set (the reserve, with the bound on the
+    rows beyond it) give a failing column a second test, scoring those rows
+    at the new potentials. Measured on an H100 at n = 10,000, d = 2, the
+    reserve halves the refreshes: 215 -> 103 (k = 2, 0.1 median(C)) and
+    261 -> 104 (k = 2, 0.1 median(C) n: that solve 1.93 -> 1.59 s). On the
+    CPU (``_RESERVE_FACTOR``, 1: no reserve) it saved refresh time (n = 3000,
+    d = 2, k = 10: 3.2 -> 2.0-2.3 s) but not solve time.
 
     ``C`` is stored transposed, ``(B, m, n)``, so the top-k runs along the
     contiguous axis (4-6x faster on the CPU at ``n = 3000``).
@@ -246,7 +251,8 @@ class _WorkingSet:
             self.block = max(_REFRESH_BLOCK, _REFRESH_BLOCK_ENTRIES // (batch * n))
         self.n_refresh = self.n_partial = 0
         # Rows per column a refresh ranks: the working set, then the reserve.
-        self.depth = min(_RESERVE_FACTOR * self.size, n - 1)
+        factor = _RESERVE_FACTOR if C.device.type == "cpu" else _RESERVE_FACTOR_GPU
+        self.depth = min(factor * self.size, n - 1)
         self.snapshots = None
         if self.size == n:
             # Every row is a candidate: nothing to certify or refresh.
