@@ -204,6 +204,12 @@ def main(argv=None):
     parser.add_argument("--routing", action="store_true",
                         help="only batched token routing (groups of tokens "
                              "to experts) against POT looped over the groups")
+    parser.add_argument("--repair", choices=["true", "false", "full"], default="true",
+                        help="the repair argument of the main table's solves "
+                             "(default true; full tries the exact-OT support "
+                             "at any size)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 10],
+                        help="override the list of k (default 2 10)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: fair to POT, and "
                              "faster on a loaded machine)")
@@ -221,7 +227,8 @@ def main(argv=None):
     if args.pot_max_n is not None:
         pot_max = args.pot_max_n
 
-    print(f"device={device}, torch threads={args.threads}")
+    repair = {"true": True, "false": False, "full": "full"}[args.repair]
+    print(f"device={device}, torch threads={args.threads}, repair={repair!r}")
     # Warm-up: the first call on a device pays for its start-up (CUDA context,
     # kernels loaded on first use), which no row should carry.
     a, b, C = _problem(64, 2)
@@ -250,13 +257,14 @@ def main(argv=None):
             C_dev = torch.as_tensor(C, device=device)
             a_dev = torch.as_tensor(a, device=device)
             b_dev = torch.as_tensor(b, device=device)
-            for k in (2, 10):
+            for k in args.ks:
                 for label, gamma in (("0.1 med", 0.1 * median),
                                      ("0.1 med n", 0.1 * median * n)):
                     start = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        res = sparsity_constrained_ot(a_dev, b_dev, C_dev, k, gamma)
+                        res = sparsity_constrained_ot(a_dev, b_dev, C_dev, k, gamma,
+                                                      repair=repair)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     ours_s = time.perf_counter() - start

@@ -869,6 +869,36 @@ def test_repair_falls_back_on_an_exact_ot_support(monkeypatch, restricted):
         skipped = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert not calls and not skipped.repaired
     assert skipped.marginal_error > 1.0
+    # repair="full" tries that support at any size: the plan of the first run.
+    full = sparsity_constrained_ot(a, b, C, 2, gamma, repair="full")
+    assert calls and full.repaired and full.marginal_error <= 1e-9
+    np.testing.assert_array_equal(full.plan, res.plan)
+
+
+def test_repair_newton_is_not_stopped_by_the_polish_window():
+    # On a fixed support that holds a plan (an exact OT plan's rows, completed
+    # to 2 per column), Newton from a cold start crosses many projection
+    # thresholds before its fast phase: it needs more steps than the polish's
+    # window, which would stop it far from the marginals. The repair's solve
+    # runs without that window and reaches them.
+    a, b, C = (_t(x) for x in _problem(n=40, seed=1))
+    gamma = 0.1 * float(C.median())
+    res = _solver.solve_semi_dual(a, b, C, gamma, 2)
+    idx, ok = _ot._exact_ot_support(a, b, C, res.idx, torch.ones(1, dtype=torch.bool))
+    assert bool(ok[0]) and not _ot._lacks_plan(a, b, idx, None, 0.0)[0]
+    cold = torch.zeros_like(a)
+
+    def evaluate(x):
+        return semi_dual_objective(x, a, b, C, gamma, 2, idx)
+
+    _, n_iter, best = _solver._newton_semi_dual(
+        evaluate, cold, gamma, 200, 1e-10, patience=10,
+        upper=_solver._support_bound(b, C, gamma, idx),
+        span=_solver._potential_span(b, C.gather(1, idx), gamma))
+    assert int(n_iter[0]) == _solver._NEWTON_WINDOW and float(best[0]) > 1e-2
+    _, vals, new_idx, err, n_iter = _solver.solve_on_support(a, b, C, gamma, idx, cold)
+    assert float(err[0]) <= 1e-9 and int(n_iter[0]) > _solver._NEWTON_WINDOW
+    assert float(_solver._plan_errors(new_idx, vals, a, b)[0]) <= 1e-9
 
 
 def test_newton_polish_stops_early_on_a_kink_and_keeps_its_best_iterate(monkeypatch):
@@ -1319,6 +1349,7 @@ _A, _B, _C = _problem(n=5)
     ({"b": np.ones((2, 5)) / 5}, ValueError, "b must have shape"),
     ({"C": _C[0]}, ValueError, "C must be a 2-D"),
     ({"formulation": "primal"}, ValueError, "formulation must be"),
+    ({"repair": "yes"}, ValueError, "repair must be True, False or 'full'"),
     ({"device": "tpu"}, ValueError, "device must be"),
 ])
 def test_bad_input_is_rejected_with_a_message_naming_the_argument(kwargs, error,

@@ -81,9 +81,10 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         L-BFGS iteration budget.
     tol : float, default=1e-9
         Target marginal L1 error.
-    repair : bool, default=True
+    repair : bool or "full", default=True
         Re-solve on the chosen supports when the dual read-out misses the
-        marginals (see :func:`~skreg.transport.sparsity_constrained_ot`).
+        marginals; ``"full"`` also tries an exact OT plan's support beyond
+        ``1e7`` cost entries (see :func:`~skreg.transport.sparsity_constrained_ot`).
     device : str or torch.device, default="auto"
         Where the solver runs.
 
@@ -141,7 +142,7 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         "formulation": [StrOptions({"semi_dual", "dual"})],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="neither")],
-        "repair": ["boolean"],
+        "repair": ["boolean", StrOptions({"full"})],
         "device": [str, torch.device],
     }
 
