@@ -944,6 +944,27 @@ def test_repair_newton_is_not_stopped_by_the_polish_window():
     assert float(_solver._plan_errors(new_idx, vals, a, b)[0]) <= 1e-9
 
 
+def test_support_solve_falls_back_to_lbfgs_where_newton_crawls():
+    # On this support (it holds a plan: the exact OT plan's rows) Newton from
+    # a cold start crawls at an error of 0.2: at gamma = 0.1 median(C) most
+    # columns use one row, the entries in use form many components, and the
+    # steps that move whole components are cut again and again. Told that
+    # the support holds a plan, the solve runs L-BFGS, then Newton again.
+    a, b, C = (_t(x) for x in _problem(n=40, seed=0))
+    gamma = 0.1 * float(C.median())
+    res = _solver.solve_semi_dual(a, b, C, gamma, 2)
+    idx, ok = _ot._exact_ot_support(a, b, C, res.idx, torch.ones(1, dtype=torch.bool))
+    assert bool(ok[0]) and not _ot._lacks_plan(a, b, idx, None, 0.0)[0]
+    cold = torch.zeros_like(a)
+    *_, err, _ = _solver.solve_on_support(a, b, C, gamma, idx, cold, max_iter=40)
+    assert float(err[0]) > 1e-2
+    _, vals, new_idx, err, _ = _solver.solve_on_support(
+        a, b, C, gamma, idx, cold, max_iter=40, holds=torch.ones(1, dtype=torch.bool))
+    assert float(err[0]) <= 1e-10
+    assert float(_solver._plan_errors(new_idx, vals, a, b)[0]) <= 1e-10
+    assert (vals >= 0).all()
+
+
 def test_newton_polish_stops_early_on_a_kink_and_keeps_its_best_iterate(monkeypatch):
     # k = 2 binds at this gamma: the dual maximum is a kink, no Newton step
     # on the read-out supports is accepted at a useful length, and without

@@ -630,9 +630,13 @@ def _repair(res, a, b, C, gamma, err, tol, binding, full=False):
             piece = tuple(x[part] for x in sub)
             where = rows[part]
             if attempt < 3:
+                # The whole base support holds a plan (by construction, or
+                # the flow test): there Newton gets the L-BFGS fallback.
                 new_alpha, vals, new_idx, _, _ = solve_on_support(
                     *piece, gamma, idx[part], alpha[part],
-                    mask=None if mask is None else mask[part], tol=tol)
+                    mask=None if mask is None else mask[part], tol=tol,
+                    holds=torch.ones_like(part, dtype=torch.bool) if attempt == 1
+                    else None)
             else:
                 new_alpha, vals, _ = solve_linear_on_support(
                     *piece, gamma, idx[part], mask[part], alpha[part])

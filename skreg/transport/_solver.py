@@ -1693,8 +1693,15 @@ def _support_bound(b, C, gamma, idx, mask=None):
     return (b * costs.amax(dim=1)).sum(dim=1) + 0.5 * gamma * (b * b).sum(dim=1)
 
 
+# L-BFGS iterations of solve_on_support's fallback where Newton stops short on a
+# support that holds a plan (measured at n = 1000, 2-D clouds, k = 2, gamma =
+# 0.1 median(C), on a support with a plan: Newton alone 200 steps, error 0.17;
+# 100 L-BFGS iterations then Newton, 1.0e-6; 300 then Newton, 4.4e-13).
+_SUPPORT_LBFGS_ITER = 300
+
+
 def solve_on_support(a, b, C, gamma, idx, alpha0, *, mask=None, max_iter=200,
-                     tol=1e-10):
+                     tol=1e-10, holds=None):
     """Quadratically regularized OT restricted to the rows ``idx`` of each column.
 
     The repair problem: ``min <P, C> + (gamma/2)||P||^2`` over plans with the
@@ -1702,6 +1709,16 @@ def solve_on_support(a, b, C, gamma, idx, alpha0, *, mask=None, max_iter=200,
     ``idx`` of each column, or those where ``mask`` is true). Solved by
     semismooth Newton on its semi-dual (smooth and piecewise quadratic, so the
     Newton steps settle in finitely many iterations when a feasible plan exists).
+
+    Newton's generalized Hessian is a Laplacian of the entries in use; where
+    they form many components (small ``gamma``: one entry per column), each
+    component's mass imbalance lies in its null space, and the steps that
+    move whole components are cut by the line search again and again, so
+    Newton can crawl far from the marginals. Where ``holds`` (``(B,)`` bool)
+    says the support holds a plan and Newton stopped above ``tol`` without
+    proving the support infeasible, ``_SUPPORT_LBFGS_ITER`` L-BFGS
+    iterations (which move along those directions by curvature pairs) bring
+    the potentials near the optimum, and Newton runs again from there.
 
     Returns
     -------
@@ -1717,10 +1734,23 @@ def solve_on_support(a, b, C, gamma, idx, alpha0, *, mask=None, max_iter=200,
     def evaluate(x):
         return semi_dual_objective(x, a, b, C, gamma, k, idx, mask)
 
-    alpha, n_iter, _ = _newton_semi_dual(
-        evaluate, alpha0, gamma, max_iter, tol, patience=10,
-        upper=_support_bound(b, C, gamma, idx, mask),
-        span=_potential_span(b, C.gather(1, idx), gamma), window=None)
+    upper = _support_bound(b, C, gamma, idx, mask)
+    span = _potential_span(b, C.gather(1, idx), gamma)
+    alpha, n_iter, best = _newton_semi_dual(
+        evaluate, alpha0, gamma, max_iter, tol, patience=10, upper=upper, span=span,
+        window=None)
+    if holds is not None:
+        stuck = holds & (best > tol) & (evaluate(alpha)[0] <= upper)
+        if bool(stuck.any()):
+            start, used, _, _ = _lbfgs(lambda x, floor=None: evaluate(x), alpha,
+                                       _SUPPORT_LBFGS_ITER, tol, gamma * a.shape[1],
+                                       active=stuck)
+            again, more, best_again = _newton_semi_dual(
+                evaluate, start, gamma, max_iter, tol, patience=10, skip=~stuck,
+                upper=upper, span=span, window=None)
+            take = stuck & (best_again < best)
+            alpha = torch.where(take.unsqueeze(1), again, alpha)
+            n_iter = n_iter + torch.where(stuck, used + more, 0)
     _, grad, idx_out, t = evaluate(alpha)
     return alpha, t * b.unsqueeze(1), idx_out, _marginal_error(grad), n_iter
 
