@@ -374,9 +374,10 @@ def _capped_support(a, b, C, alpha, beta, k, which):
     mask = np.zeros((batch, k, m), dtype=bool)
     ok = to_numpy(which).astype(bool)
     for i in np.nonzero(ok)[0]:
-        rows, cols = (to_numpy(x) for x in torch.nonzero(chosen[i], as_tuple=True))
-        found = _entry_lp(a_np[i], b_np[i], rows, cols, to_numpy(C[i, rows, cols]),
-                          upper=b_np[i, cols] / k)
+        rows, cols = torch.nonzero(chosen[i], as_tuple=True)
+        costs = to_numpy(C[i, rows, cols])
+        rows, cols = to_numpy(rows), to_numpy(cols)
+        found = _entry_lp(a_np[i], b_np[i], rows, cols, costs, upper=b_np[i, cols] / k)
         if found is None:
             ok[i] = False
             continue
