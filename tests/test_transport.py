@@ -918,6 +918,31 @@ def test_repair_tries_the_capped_support_where_the_gap_is_large(monkeypatch):
                                                        rel=1e-12)
 
 
+def test_batched_capped_repair_gives_the_looped_plans(monkeypatch):
+    # Three binding problems in one batch; only the first has the large gap
+    # that calls for the capped support. Each must get the plan it gets alone.
+    problems = [_problem(n=60, seed=0, dim=10), _problem(n=60, seed=1),
+                _problem(n=60, seed=5)]
+    a, b, C = (np.stack([p[i] for p in problems]) for i in range(3))
+    gamma = 6.0 * float(np.median(problems[0][2]))
+    calls = []
+    original = _ot._capped_support
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1].tolist())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_ot, "_capped_support", spy)
+    batched = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert calls == [[True, False, False]]
+    assert batched.repaired.all() and (batched.marginal_error <= 1e-9).all()
+    for i in range(3):
+        alone = sparsity_constrained_ot(a[i], b[i], C[i], 2, gamma)
+        np.testing.assert_allclose(batched.plan[i], alone.plan, rtol=0, atol=1e-12)
+        assert batched.primal_objective[i] == pytest.approx(alone.primal_objective,
+                                                            rel=1e-12)
+
+
 def test_repair_newton_is_not_stopped_by_the_polish_window():
     # On a fixed support that holds a plan (an exact OT plan's rows, completed
     # to 2 per column), Newton from a cold start crosses many projection
