@@ -26,6 +26,7 @@ from skreg.transport._solver import (
     _working_set_size,
     _WorkingSet,
     dual_objective,
+    project_simplex_sorted,
     semi_dual_objective,
     solve_linear_on_support,
     solve_on_support,
@@ -943,6 +944,26 @@ def test_batched_capped_repair_gives_the_looped_plans(monkeypatch):
                                                             rel=1e-12)
 
 
+def test_projection_and_semi_dual_hold_at_huge_potentials():
+    # Beyond 2^53 the unit mass is below the scores' rounding; computed on
+    # the raw scores the projection came out empty and the semi-dual read
+    # <alpha, a> alone, far above the optimum (a line search climbed it to
+    # 1e15). Weak duality must hold at any alpha.
+    t = project_simplex_sorted(torch.tensor([[[3e19], [1e19], [-2e19]]],
+                                            dtype=torch.float64))
+    assert torch.equal(t[0, :, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    a, b, C = (_t(x) for x in _problem(n=16, m=24, seed=2))
+    gamma = float(C.median())
+    coupling = a[0].unsqueeze(1) * b[0].unsqueeze(0)
+    primal = float((coupling * C[0]).sum() + 0.5 * gamma * (coupling ** 2).sum())
+    rng = np.random.RandomState(0)
+    for magnitude in (1e3, 1e12, 1e17):
+        alpha = torch.as_tensor(magnitude * (1.0 + rng.rand(1, 16)))
+        value, grad, _, t = semi_dual_objective(alpha, a, b, C, gamma, 16)
+        assert float(value[0]) <= primal
+        torch.testing.assert_close(t.sum(dim=1), torch.ones_like(t[:, 0]))
+
+
 def test_repair_newton_is_not_stopped_by_the_polish_window():
     # On a fixed support that holds a plan (an exact OT plan's rows, completed
     # to 2 per column), Newton from a cold start crosses many projection
@@ -1322,10 +1343,11 @@ def test_lbfgs_trace_holds_each_problems_last_iterates(monkeypatch):
 def test_averaged_support_gives_a_cheaper_feasible_plan_where_k_binds(monkeypatch):
     # k = 2 at a large gamma: the dual maximum is a kink and the top-k rows
     # at its potentials tie. The support of the iterates' average plan holds
-    # a feasible plan 7% cheaper here (checked: 6.26 against 6.77). (The
-    # capped-spread support, tried after both, gives 6.18 either way: off.)
+    # a feasible plan 11% cheaper here (checked: 3.30 against 3.71; on seeds
+    # 0-19 it was never dearer and cheaper on 16). (The capped-spread
+    # support, tried after both, is off.)
     monkeypatch.setattr(_ot, "_CAPPED_MIN_GAP", np.inf)
-    a, b, C = _problem(n=12, seed=5)
+    a, b, C = _problem(n=12, seed=9)
     gamma = 10.0 * np.median(C)
     res = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert res.binding and res.repaired
