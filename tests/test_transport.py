@@ -1441,9 +1441,24 @@ def test_massless_rows_and_columns_receive_nothing():
 
 def test_a_missed_marginal_raises_a_convergence_warning():
     a, b, C = _problem(n=30, seed=12)
-    with pytest.warns(ConvergenceWarning, match="misses the marginals"):
+    with pytest.warns(ConvergenceWarning, match="misses the marginals.*repair=True"):
         res = sparsity_constrained_ot(a, b, C, 2, 1e-3, max_iter=2, repair=False)
     assert res.marginal_error > 1e-9
+
+
+def test_the_warning_names_max_nz_where_no_tried_support_holds_a_plan():
+    # Uniform masses, 64 x 67, k = 2 at a large gamma: k binds and none of the
+    # supports the repair tries holds a plan (the exact OT plan puts 3-5 rows
+    # in 20 columns), although a k-sparse plan exists (k >= ceil(n / m) + 1).
+    rng = np.random.RandomState(0)
+    n, m = 64, 67
+    C = ot.dist(rng.randn(n, 5), rng.randn(m, 5) + 0.5)
+    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    gamma = 0.1 * float(np.median(C)) * m
+    with pytest.warns(ConvergenceWarning, match="max_nz = 2 binds and none of"):
+        res = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert res.binding and not res.repaired
+    assert res.marginal_error == res.readout_marginal_error > 1e-9
 
 
 _A, _B, _C = _problem(n=5)

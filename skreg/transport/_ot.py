@@ -927,6 +927,17 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
             # Every row with mass needs a nonzero, and there are k m at most.
             why = (f"no plan has these marginals: max_nz * m = {k * m} nonzeros "
                    f"cannot cover the n = {n} rows with mass; raise max_nz.")
+        elif repair and bool((binding & (err > tol_eff)).any()):
+            why = (f"max_nz = {k} binds and none of the supports the repair tried "
+                   "holds a plan with these marginals, so the plan is the dual's "
+                   "read-out; raise max_nz")
+            if repair != "full" and n * m > _EXACT_OT_MAX_ENTRIES:
+                why += (f", or pass repair='full' (beyond n m = "
+                        f"{_EXACT_OT_MAX_ENTRIES:.0e} entries the supports from "
+                        "linear programs are skipped)")
+            why += "."
+        elif not repair:
+            why = "increase max_iter or gamma, or pass repair=True."
         else:
             why = ("increase max_iter or gamma, or max_nz if the chosen supports "
                    "admit no feasible plan.")
