@@ -964,17 +964,24 @@ def test_projection_and_semi_dual_hold_at_huge_potentials():
         torch.testing.assert_close(t.sum(dim=1), torch.ones_like(t[:, 0]))
 
 
+def _exact_ot_support_problem(seed):
+    # A 40 x 40 problem at gamma = 0.1 median(C), k = 2, and the exact OT
+    # plan's rows completed to 2 per column: a support that holds a plan.
+    a, b, C = (_t(x) for x in _problem(n=40, seed=seed))
+    gamma = 0.1 * float(C.median())
+    res = _solver.solve_semi_dual(a, b, C, gamma, 2)
+    idx, ok = _ot._exact_ot_support(a, b, C, res.idx, torch.ones(1, dtype=torch.bool))
+    assert bool(ok[0]) and not _ot._lacks_plan(a, b, idx, None, 0.0)[0]
+    return a, b, C, gamma, idx
+
+
 def test_repair_newton_is_not_stopped_by_the_polish_window():
     # On a fixed support that holds a plan (an exact OT plan's rows, completed
     # to 2 per column), Newton from a cold start crosses many projection
     # thresholds before its fast phase: it needs more steps than the polish's
     # window, which would stop it far from the marginals. The repair's solve
     # runs without that window and reaches them.
-    a, b, C = (_t(x) for x in _problem(n=40, seed=1))
-    gamma = 0.1 * float(C.median())
-    res = _solver.solve_semi_dual(a, b, C, gamma, 2)
-    idx, ok = _ot._exact_ot_support(a, b, C, res.idx, torch.ones(1, dtype=torch.bool))
-    assert bool(ok[0]) and not _ot._lacks_plan(a, b, idx, None, 0.0)[0]
+    a, b, C, gamma, idx = _exact_ot_support_problem(seed=1)
     cold = torch.zeros_like(a)
 
     def evaluate(x):
@@ -996,11 +1003,7 @@ def test_support_solve_falls_back_to_lbfgs_where_newton_crawls():
     # columns use one row, the entries in use form many components, and the
     # steps that move whole components are cut again and again. Told that
     # the support holds a plan, the solve runs L-BFGS, then Newton again.
-    a, b, C = (_t(x) for x in _problem(n=40, seed=0))
-    gamma = 0.1 * float(C.median())
-    res = _solver.solve_semi_dual(a, b, C, gamma, 2)
-    idx, ok = _ot._exact_ot_support(a, b, C, res.idx, torch.ones(1, dtype=torch.bool))
-    assert bool(ok[0]) and not _ot._lacks_plan(a, b, idx, None, 0.0)[0]
+    a, b, C, gamma, idx = _exact_ot_support_problem(seed=0)
     cold = torch.zeros_like(a)
     *_, err, _ = _solver.solve_on_support(a, b, C, gamma, idx, cold, max_iter=40)
     assert float(err[0]) > 1e-2
