@@ -47,11 +47,18 @@ _CANDIDATE_ROWS = 8
 _COST_TRIES = 64
 # Entering entries tried per leaving entry where the entering column is at k.
 _FULL_TRIES = 256
-# Each pivot walks the tree (n + m nodes, in Python): the degree pivots run
-# only where the excess over k times n + m is at most this, and the cost
-# pivots stop after this over n + m of them (measured, uniform masses,
-# k = 2: 700 x 1000, excess 144, 1.4-1.9 s; 1400 x 2000, excess 296, 9.5 s).
-_PIVOT_WORK = 3 * 10**5
+# Nodes each side's walk visits for entering entries, the nearest first.
+_WALK_LIMIT = 400
+# A degree pivot walks at most _WALK_LIMIT nodes on each side of its cut, and
+# all n + m to recompute the potentials where neither walk covered its side;
+# a cost pivot recomputes them every time (Python loops). The degree pivots
+# run only where the excess over k times n + m is at most _PIVOT_WORK, the
+# cost pivots stop after _COST_WORK / (n + m) of them. Measured, uniform
+# masses, k = 2 (the solve itself takes far longer at these sizes): 700 x
+# 1000, excess 144, 0.8 s; 1400 x 2000, 296, 2.3 s; 3000 x 2000, 999, 2.3 s;
+# 2500 x 3500, 536, 3.7 s.
+_PIVOT_WORK = 10**7
+_COST_WORK = 3 * 10**5
 
 
 class _Tree:
@@ -210,19 +217,22 @@ class _Tree:
             np.array(values)
 
 
-def _walk(tree, start, cut, outward):
-    """Walk one side of the tree cut at edge ``(start, cut)``.
+def _walk(tree, start, cut, outward, limit=None):
+    """Walk one side of the tree cut at edge ``(start, cut)``, breadth first.
 
-    Returns the nodes reached from ``start``, the parent of each on the
-    walk (a dict), and for each the smallest flow on the edges its cycle
-    path loses mass on: edges crossed from a column to a row, walking
-    towards ``start`` (``outward`` False) or away from it (True).
+    Returns the nodes reached from ``start`` (at most ``limit``, the nearest
+    first), the parent of each on the walk (a dict), for each the smallest
+    flow on the edges its cycle path loses mass on (edges crossed from a
+    column to a row, walking towards ``start`` (``outward`` False) or away
+    from it (True)), and whether the walk covered the whole side.
     """
     n = tree.n
     lightest, parent = {start: np.inf}, {start: -1}
-    stack = [start]
-    while stack:
-        x = stack.pop()
+    queue = deque([start])
+    while queue:
+        if limit is not None and len(lightest) >= limit:
+            break
+        x = queue.popleft()
         for y, flow in tree.adj[x].items():
             if y in lightest or (x == start and y == cut):
                 continue
@@ -230,10 +240,11 @@ def _walk(tree, start, cut, outward):
             loses = (x >= n) if outward else (y >= n)
             lightest[y] = min(lightest[x], flow) if loses else lightest[x]
             parent[y] = x
-            stack.append(y)
+            queue.append(y)
     nodes = np.fromiter(lightest.keys(), dtype=np.int64, count=len(lightest))
     return (nodes, parent,
-            np.fromiter(lightest.values(), dtype=float, count=len(lightest)))
+            np.fromiter(lightest.values(), dtype=float, count=len(lightest)),
+            not queue)
 
 
 def _up(parent, x):
@@ -267,13 +278,13 @@ def _degree_pivot(tree, C, k, deg, u, v):
     node = n + j
     # Each leaving entry's two sides: rows on r's side, columns on j's side,
     # and the lightest losing edge of each one's part of the cycle.
-    sides = [(r, theta, _walk(tree, r, node, outward=True),
-              _walk(tree, node, r, outward=False))
+    sides = [(r, theta, _walk(tree, r, node, True, _WALK_LIMIT),
+              _walk(tree, node, r, False, _WALK_LIMIT))
              for r, theta in tree.adj[node].items() if theta > 0]
     best = None
     for room in (k - 1, k):
-        for r, theta, (nodes_r, parent_r, light_r), (nodes_j, parent_j, light_j) \
-                in sides:
+        for r, theta, (nodes_r, parent_r, light_r, _), \
+                (nodes_j, parent_j, light_j, _) in sides:
             keep = nodes_r < n
             rows, lr = nodes_r[keep], light_r[keep]
             keep = nodes_j >= n
@@ -297,17 +308,24 @@ def _degree_pivot(tree, C, k, deg, u, v):
                 losing, gaining = edges[0::2], edges[1::2]
                 if not tree.fits(col, losing, gaining, theta, deg, k):
                     continue
-                best = (rise, i, col, losing, gaining, theta, (r, node), nodes_r)
+                best = (rise, i, col, losing, gaining, theta, (r, node),
+                        [x for x in sides if x[0] == r][0])
                 break
         if best is not None:
             break
     if best is None:
         return False
-    rise, i, col, losing, gaining, theta, cut, side = best
+    rise, i, col, losing, gaining, theta, cut, (_, _, walk_r, walk_j) = best
     tree.push(i, col, losing, gaining, theta, cut, deg)
+    # One side shifts by the entering entry's reduced cost: one whose walk
+    # covered it, else every potential is recomputed.
     shift = C[i, col] - u[i] - v[col]
-    u[side[side < n]] += shift
-    v[side[side >= n] - n] -= shift
+    for (nodes, _, _, whole), sign in ((walk_r, 1.0), (walk_j, -1.0)):
+        if whole:
+            u[nodes[nodes < n]] += sign * shift
+            v[nodes[nodes >= n] - n] -= sign * shift
+            return True
+    u[:], v[:] = tree.root(C)
     return True
 
 
@@ -365,7 +383,7 @@ def degree_capped_plan(rows, cols, values, C, k):
     cand_cols = np.broadcast_to(np.arange(m), cand_rows.shape).ravel()
     cand_rows = cand_rows.ravel()
     tol = 1e-12 * (np.abs(C).max() + 1.0)
-    for _ in range(max(16, _PIVOT_WORK // (n + m))):
+    for _ in range(max(16, _COST_WORK // (n + m))):
         if not _cost_pivot(tree, C, k, deg, u, v, cand_rows, cand_cols, tol):
             break
         u, v = tree.root(C)
