@@ -1591,6 +1591,38 @@ def test_transport_maps_source_onto_the_target_cloud_and_back():
     np.testing.assert_allclose(est.transform(new) - new, moved[:1] - Xs[:1])
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_rectangular_problems_give_k_sparse_plans_with_the_marginals_when_repaired(
+        seed):
+    # Random sizes, k, masses (uniform with costs rounded so that entries
+    # tie, or random) and gamma: whatever the pivots and the repair find, the
+    # plan is k-sparse, and a plan reported repaired has the marginals. The
+    # degree pivots run on 6 of these 8 and find a plan on 4.
+    rng = np.random.RandomState(2000 + seed)
+    n, m = rng.randint(10, 60), rng.randint(10, 60)
+    k = rng.randint(2, 5)
+    C = ot.dist(rng.randn(n, 3), rng.randn(m, 3) + rng.rand())
+    if seed % 2:
+        C = np.round(C, 1)
+        a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    else:
+        a, b = rng.rand(n) + 0.05, rng.rand(m) + 0.05
+        a, b = a / a.sum(), b / b.sum()
+    gamma = (float(np.median(C)) + 1e-3) * 10 ** rng.uniform(-1.5, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = sparsity_constrained_ot(a, b, C, k, gamma)
+    assert np.isfinite(res.plan).all() and res.plan.min() >= 0
+    assert (res.plan > 0).sum(axis=0).max() <= k
+    err = (np.abs(res.plan.sum(axis=1) - a).sum()
+           + np.abs(res.plan.sum(axis=0) - b).sum())
+    np.testing.assert_allclose(res.marginal_error, err, rtol=1e-6, atol=1e-12)
+    if res.repaired:
+        assert res.marginal_error <= 1e-9
+        assert res.primal_objective >= res.dual_objective - 1e-9 * (
+            1.0 + abs(res.dual_objective))
+
+
 def test_transport_between_clouds_of_different_sizes_meets_both_marginals():
     # 90 source and 60 target samples, at most 2 sources per target: the
     # exact plan puts 3 rows in some columns, and only the degree pivots give
