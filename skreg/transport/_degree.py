@@ -121,7 +121,7 @@ class _Tree:
             joined |= mine
 
     def root(self, C):
-        """Root at row 0: parents, depths, discovery order and potentials.
+        """Root at row 0: parents, depths and potentials.
 
         The potentials satisfy ``u_i + v_j = C_ij`` on every tree edge.
         Returns ``(u, v)``.
@@ -130,7 +130,6 @@ class _Tree:
         parent = np.full(size, -1)
         depth = np.zeros(size, dtype=np.int64)
         pot = np.zeros(size)
-        order = [0]
         seen = np.zeros(size, dtype=bool)
         seen[0] = True
         stack = [0]
@@ -143,10 +142,8 @@ class _Tree:
                 parent[y], depth[y] = x, depth[x] + 1
                 i, j = (x, y - self.n) if x < self.n else (y, x - self.n)
                 pot[y] = C[i, j] - pot[x]
-                order.append(y)
                 stack.append(y)
         self.parent, self.depth = parent, depth
-        self.order = np.array(order)
         return pot[:self.n], pot[self.n:]
 
     def path(self, x, y):
