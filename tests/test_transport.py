@@ -621,8 +621,8 @@ def test_repair_narrows_a_slack_support_and_keeps_only_a_certified_plan(
         return out
 
     monkeypatch.setattr(_ot, "solve_on_support", spy)
-    idx, vals, repaired = _ot._repair(res, _t(a), _t(b), _t(C), gamma, err, 1e-9,
-                                      torch.zeros(1, dtype=torch.bool))
+    idx, vals, repaired, _ = _ot._repair(res, _t(a), _t(b), _t(C), gamma, err, 1e-9,
+                                         torch.zeros(1, dtype=torch.bool))
     plan = _ot._dense_plan(idx, vals, n)[0].numpy()
     assert bool(repaired[0])
     np.testing.assert_allclose(plan, reference, atol=1e-6)
@@ -661,8 +661,8 @@ def test_binding_repair_keeps_the_narrowed_plan_unless_it_tries_every_support(
     original = _ot.solve_on_support
     monkeypatch.setattr(_ot, "solve_on_support", lambda *args, **kw: masks.append(
         kw.get("mask")) or original(*args, **kw))
-    idx, vals, repaired = _ot._repair(res, _t(a), _t(b), _t(C), gamma, err, 1e-9,
-                                      binding)
+    idx, vals, repaired, _ = _ot._repair(res, _t(a), _t(b), _t(C), gamma, err, 1e-9,
+                                         binding)
     plan = _ot._dense_plan(idx, vals, 40)[0].numpy()
     assert bool(repaired[0])
     np.testing.assert_allclose(plan.sum(1), a, atol=1e-9)
@@ -1464,6 +1464,55 @@ def test_the_warning_names_max_nz_where_no_tried_support_holds_a_plan():
         res = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert res.binding and not res.repaired
     assert res.marginal_error == res.readout_marginal_error > 1e-9
+
+
+def _uneven_problem(n, m, seed):
+    # The small problems of bench_transport.py --hard-binding: 2-D clouds,
+    # masses uniform in [0.5, 1.5] before normalization.
+    rng = np.random.RandomState(seed)
+    xs, xt = rng.randn(n, 2), rng.randn(m, 2) + 1.0
+    a, b = rng.rand(n) + 0.5, rng.rand(m) + 0.5
+    return a / a.sum(), b / b.sum(), ot.dist(xs, xt)
+
+
+def test_the_repair_finds_a_plan_by_a_mixed_integer_program(monkeypatch):
+    # 16 x 8, k = 3, uneven masses: neither the dual's supports nor the
+    # exact-OT and capped ones hold a plan with the marginals; the
+    # mixed-integer program over every entry finds one.
+    a, b, C = _uneven_problem(16, 8, 0)
+    gamma = 10.0 * float(np.median(C))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = sparsity_constrained_ot(a, b, C, 3, gamma)
+    assert res.binding and res.repaired
+    np.testing.assert_allclose(res.plan.sum(1), a, atol=1e-9)
+    np.testing.assert_allclose(res.plan.sum(0), b, atol=1e-9)
+    assert np.count_nonzero(res.plan, axis=0).max() <= 3 and res.plan.min() >= 0
+    # Weak duality: the plan's objective is at least the dual's.
+    primal = (res.plan * C).sum() + 0.5 * gamma * (res.plan ** 2).sum()
+    assert primal == pytest.approx(res.primal_objective, rel=1e-12)
+    assert res.duality_gap >= -1e-12
+    monkeypatch.setattr(_ot, "_MILP_MAX_ENTRIES", 0)
+    with pytest.warns(ConvergenceWarning, match="none of the supports"):
+        without = sparsity_constrained_ot(a, b, C, 3, gamma)
+    assert without.marginal_error > 1e-3
+
+
+def test_the_warning_says_when_no_sparse_plan_exists():
+    # 24 x 8, k = 3: a plan has at most k m = 24 = n entries and every row
+    # needs one, so each column holds exactly three whole rows and b_0 is
+    # the sum of three rows' masses. No three do sum to it (checked here
+    # over all 2024 triples), so no plan exists, and HiGHS finds the
+    # program infeasible.
+    a, b, C = _uneven_problem(24, 8, 1)
+    triples = np.array([(p, q, r) for p in range(24) for q in range(p + 1, 24)
+                        for r in range(q + 1, 24)])
+    assert np.abs(a[triples].sum(axis=1) - b[0]).min() > 1e-6
+    with pytest.warns(ConvergenceWarning, match="no plan with at most max_nz = 3 "
+                      "nonzeros per column has these marginals"):
+        res = sparsity_constrained_ot(a, b, C, 3, 10.0 * float(np.median(C)))
+    assert res.binding and not res.repaired
+    assert np.count_nonzero(res.plan, axis=0).max() <= 3
 
 
 def _rectangular_problem(seed=0, n=64, m=67):
