@@ -1498,21 +1498,36 @@ def test_the_repair_finds_a_plan_by_a_mixed_integer_program(monkeypatch):
     assert without.marginal_error > 1e-3
 
 
-def test_the_warning_says_when_no_sparse_plan_exists():
+def test_the_warning_counts_the_nonzeros_a_plan_needs():
     # 24 x 8, k = 3: a plan has at most k m = 24 = n entries and every row
     # needs one, so each column holds exactly three whole rows and b_0 is
     # the sum of three rows' masses. No three do sum to it (checked here
-    # over all 2024 triples), so no plan exists, and HiGHS finds the
-    # program infeasible.
+    # over all 2024 triples), so no plan exists; the warning gives the count
+    # (n + m - 1 = 31 > 24), and the mixed-integer program is not tried.
     a, b, C = _uneven_problem(24, 8, 1)
     triples = np.array([(p, q, r) for p in range(24) for q in range(p + 1, 24)
                         for r in range(q + 1, 24)])
     assert np.abs(a[triples].sum(axis=1) - b[0]).min() > 1e-6
-    with pytest.warns(ConvergenceWarning, match="no plan with at most max_nz = 3 "
-                      "nonzeros per column has these marginals"):
+    with pytest.warns(ConvergenceWarning, match=r"a plan needs n \+ m - 1 = 31 "
+                      r"nonzeros, more than max_nz \* m = 24"):
         res = sparsity_constrained_ot(a, b, C, 3, 10.0 * float(np.median(C)))
     assert res.binding and not res.repaired
     assert np.count_nonzero(res.plan, axis=0).max() <= 3
+
+
+def test_the_warning_says_when_the_mixed_integer_program_is_infeasible():
+    # 4 x 3, k = 2: a spanning tree fits (n + m - 1 = 6 <= k m), but column 0
+    # needs 0.7 and any two rows carry at most 0.5, so no plan with two
+    # nonzeros per column exists; HiGHS finds the program infeasible.
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(4, 2), rng.randn(3, 2))
+    a, b = np.full(4, 0.25), np.array([0.7, 0.15, 0.15])
+    assert b.max() > np.sort(a)[-2:].sum()
+    with pytest.warns(ConvergenceWarning, match="no plan with at most max_nz = 2 "
+                      "nonzeros per column has these marginals"):
+        res = sparsity_constrained_ot(a, b, C, 2, float(np.median(C)))
+    assert res.binding and not res.repaired
+    assert np.count_nonzero(res.plan, axis=0).max() <= 2
 
 
 def _rectangular_problem(seed=0, n=64, m=67):

@@ -468,14 +468,21 @@ def _completed(rows, cols, fill):
 # problems of at most this many entries, the mixed-integer program of
 # _milp_support, with at most this many branch-and-bound nodes (a node
 # limit, not a time limit, so that the result does not depend on the
-# machine) and this relative optimality gap. Measured on the 40 problems of
-# bench_transport.py --hard-binding (16-24 x 6-8, uneven masses) where no
-# other support held a plan: HiGHS found a plan on 16 (at its root node),
-# found 12 infeasible, and gave up on 12 (16 x 6, k = 3: none found in 10 s
-# either); median 0.28 s, at most 1.7 s each. HiGHS's default gap (1e-4)
-# took 1.0 s (median) for the same repaired plans; 50 nodes or 10 s found
-# no more.
-_MILP_MAX_ENTRIES = 256
+# machine) and this relative optimality gap; only where a spanning tree
+# fits (n + m - 1 <= k m). A plan's support holds a spanning forest of it
+# with one tree per set of rows and columns of equal mass, so with masses
+# in general position every plan needs n + m - 1 nonzeros; where k m is
+# below that, a plan needs such coincidences, and the program found none
+# (on 150 random problems of 2-60 rows and columns, uniform or random
+# masses, with no size limit: none found, up to 34 s per problem).
+# Measured on the 40 problems of bench_transport.py --hard-binding (16-24 x
+# 6-8, uneven masses) where no other support held a plan: HiGHS found a
+# plan on all 16 where a tree fits (at its root node), in 0.02-1.7 s (median
+# 0.28 s); on the 24 others it found 12 infeasible and gave up on 12 (none
+# found in 10 s either). HiGHS's default gap (1e-4) took 1.0 s (median) for
+# the same repaired plans. On the 150 random problems: plans on 2 more
+# (47 x 11 and 27 x 35, 517 and 945 entries, 0.5 s and 2.3 s).
+_MILP_MAX_ENTRIES = 1024
 _MILP_NODE_LIMIT = 10
 _MILP_GAP = 1e-2
 
@@ -673,9 +680,11 @@ def _repair(res, a, b, C, gamma, err, tol, binding, full=False):
             wide = best - bound > _CAPPED_MIN_GAP * (1.0 + bound.abs())
             todo = broken & binding & wide
         if base == "milp":
-            # Only small problems where k binds and no support held a plan.
+            # Only small problems where k binds, no support held a plan, and
+            # a spanning tree fits in k rows per column.
             todo = broken & binding & ~repaired
-            if C.shape[1] * C.shape[2] > _MILP_MAX_ENTRIES:
+            n, m = C.shape[1:]
+            if n * m > _MILP_MAX_ENTRIES or n + m - 1 > res.idx.shape[1] * m:
                 break
         if not bool(todo.any()):
             continue
@@ -1052,7 +1061,12 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
         elif repair and bool((binding & (err > tol_eff)).any()):
             why = (f"max_nz = {k} binds and none of the supports the repair tried "
                    "holds a plan with these marginals, so the plan is the dual's "
-                   "read-out; raise max_nz")
+                   "read-out")
+            if n + m - 1 > k * m:
+                why += (f" (unless some rows' masses sum exactly to some columns', "
+                        f"a plan needs n + m - 1 = {n + m - 1} nonzeros, more than "
+                        f"max_nz * m = {k * m})")
+            why += "; raise max_nz"
             if repair != "full" and n * m > _EXACT_OT_MAX_ENTRIES:
                 why += (f", or pass repair='full' (beyond n m = "
                         f"{_EXACT_OT_MAX_ENTRIES:.0e} entries the supports from "
