@@ -477,11 +477,12 @@ def _completed(rows, cols, fill):
 # masses, with no size limit: none found, up to 34 s per problem).
 # Measured on the 40 problems of bench_transport.py --hard-binding (16-24 x
 # 6-8, uneven masses) where no other support held a plan: HiGHS found a
-# plan on all 16 where a tree fits (at its root node), in 0.02-1.7 s (median
-# 0.28 s); on the 24 others it found 12 infeasible and gave up on 12 (none
-# found in 10 s either). HiGHS's default gap (1e-4) took 1.0 s (median) for
-# the same repaired plans. On the 150 random problems: plans on 2 more
-# (47 x 11 and 27 x 35, 517 and 945 entries, 0.5 s and 2.3 s).
+# plan on all 16 where a tree fits (at its root node), in 0.03-2.6 s (median
+# 0.35 s); on the 24 others it found 12 infeasible and gave up on 12 (none
+# found in 10 s either). With HiGHS's default gap (1e-4), the same repaired
+# plans, but 1.0 s against 0.28 s (median over the 40, run on each). On the
+# 150 random problems: plans on 2 more (47 x 11 and 27 x 35, 517 and 945
+# entries, 0.4 s and 2.4 s).
 _MILP_MAX_ENTRIES = 1024
 _MILP_NODE_LIMIT = 10
 _MILP_GAP = 1e-2
@@ -604,17 +605,18 @@ def _lacks_plan(a, b, idx, mask, tol):
 def _repair(res, a, b, C, gamma, err, tol, binding, full=False):
     """Re-solve on supports of at most k rows per column; keep the best plan.
 
-    Up to three base supports, in turn: each column's top-k rows at the
+    Up to five supports, in turn: each column's top-k rows at the
     dual's potentials; where k binds and the solver kept its last iterates,
     each column's k heaviest rows in the average of their read-out plans
     (:func:`_solver._averaged_support`); and, only for the problems neither
     of those repaired, an exact OT plan's rows completed to k
     (:func:`_exact_ot_support`; beyond ``_EXACT_OT_MAX_ENTRIES`` entries
-    only with ``full``); and last, where k binds and the best plan so far
+    only with ``full``); then, where k binds and the best plan so far
     leaves a gap to the dual above ``_CAPPED_MIN_GAP`` (relative), the
     capped-spread support of :func:`_capped_support` (same size limit);
     and, where k binds and no support so far held a plan, on problems of at
-    most ``_MILP_MAX_ENTRIES`` entries, the support of a plan with at most k
+    most ``_MILP_MAX_ENTRIES`` entries where a spanning tree fits in k rows
+    per column, the support of a plan with at most k
     nonzeros per column from a mixed-integer program
     (:func:`_milp_support`), which may also find that none exists.
     Where k does not bind, the first plan with
@@ -878,7 +880,12 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         wants every column spread), one more: the support of the cheapest
         plan whose entries stay below ``b_j / k``, the evenest spread ``k``
         entries allow (an LP on each column's and row's best entries); the
-        cheapest plan is kept.
+        cheapest plan is kept. Where ``k`` binds and none of those holds a
+        plan, on problems of at most ``n m = 1024`` entries where
+        ``n + m - 1 <= k m``: the support of the cheapest plan with at most
+        ``k`` nonzeros per column, from a mixed-integer program (HiGHS,
+        within 10 branch-and-bound nodes), which may instead find that no
+        such plan exists (the warning then says so).
         A support that holds no plan is detected at once (a maximum flow,
         then a weak-duality bound), and ``repaired`` says which problems got
         a plan with the marginals. With ``True`` the LP-based supports are
