@@ -1498,6 +1498,19 @@ def test_the_repair_finds_a_plan_by_a_mixed_integer_program(monkeypatch):
     assert without.marginal_error > 1e-3
 
 
+def test_the_mixed_integer_support_gives_a_batch_its_looped_plans():
+    # Two problems that only the mixed-integer support repairs (as above),
+    # solved together and one by one.
+    problems = [_uneven_problem(16, 8, seed) for seed in (0, 2)]
+    a, b, C = (np.stack(x) for x in zip(*problems, strict=True))
+    gamma = 10.0 * float(np.median(C))
+    batch = sparsity_constrained_ot(a, b, C, 3, gamma)
+    assert batch.repaired.all() and (batch.marginal_error <= 1e-9).all()
+    for i, problem in enumerate(problems):
+        alone = sparsity_constrained_ot(*problem, 3, gamma)
+        np.testing.assert_array_equal(batch.plan[i], alone.plan)
+
+
 def test_the_warning_counts_the_nonzeros_a_plan_needs():
     # 24 x 8, k = 3: a plan has at most k m = 24 = n entries and every row
     # needs one, so each column holds exactly three whole rows and b_0 is
