@@ -1511,6 +1511,26 @@ def test_the_mixed_integer_support_gives_a_batch_its_looped_plans():
         np.testing.assert_array_equal(batch.plan[i], alone.plan)
 
 
+@pytest.mark.parametrize("n, m, k, seed", [(24, 12, 3, 1), (34, 36, 2, 0)])
+def test_repair_full_runs_the_mixed_integer_program_on_larger_problems(n, m, k,
+                                                                       seed):
+    # Uneven masses, beyond the default's 256 entries: repair=True finds no
+    # plan with the marginals; "full" runs the program over every entry
+    # (24 x 12) or over the dual's best entries (34 x 36: 1224 entries, more
+    # than the program takes).
+    a, b, C = _uneven_problem(n, m, seed)
+    gamma = 10.0 * float(np.median(C))
+    with pytest.warns(ConvergenceWarning, match="none of the supports"):
+        default = sparsity_constrained_ot(a, b, C, k, gamma)
+    assert default.marginal_error > 1e-3
+    full = sparsity_constrained_ot(a, b, C, k, gamma, repair="full")
+    assert full.repaired
+    np.testing.assert_allclose(full.plan.sum(1), a, atol=1e-9)
+    np.testing.assert_allclose(full.plan.sum(0), b, atol=1e-9)
+    assert np.count_nonzero(full.plan, axis=0).max() <= k and full.plan.min() >= 0
+    assert full.duality_gap >= -1e-12
+
+
 def test_the_warning_counts_the_nonzeros_a_plan_needs():
     # 24 x 8, k = 3: a plan has at most k m = 24 = n entries and every row
     # needs one, so each column holds exactly three whole rows and b_0 is

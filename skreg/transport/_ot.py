@@ -341,6 +341,18 @@ def _candidate_ot(a, b, C, alpha, which):
     return out
 
 
+def _best_entries(alpha, beta, C, k):
+    """Each column's and each row's ``max(_CANDIDATE_ROWS, 2 k)`` entries of
+    largest ``alpha_i + beta_j - C_ij`` (``(B, n, m)`` bool)."""
+    n, m = C.shape[1:]
+    depth = max(_CANDIDATE_ROWS, 2 * k)
+    scores = alpha.unsqueeze(2) + beta.unsqueeze(1) - C
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    chosen.scatter_(1, scores.topk(min(depth, n), dim=1).indices, True)
+    chosen.scatter_(2, scores.topk(min(depth, m), dim=2).indices, True)
+    return chosen
+
+
 def _capped_support(a, b, C, alpha, beta, k, which):
     """Supports for the regime where the quadratic term spreads the plan.
 
@@ -365,11 +377,7 @@ def _capped_support(a, b, C, alpha, beta, k, which):
     problems ``which`` are solved).
     """
     batch, n, m = C.shape
-    depth = max(_CANDIDATE_ROWS, 2 * k)
-    scores = alpha.unsqueeze(2) + beta.unsqueeze(1) - C
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
-    chosen.scatter_(1, scores.topk(min(depth, n), dim=1).indices, True)
-    chosen.scatter_(2, scores.topk(min(depth, m), dim=2).indices, True)
+    chosen = _best_entries(alpha, beta, C, k)
     a_np, b_np = to_numpy(a), to_numpy(b)
     idx = np.zeros((batch, k, m), dtype=np.int64)
     mask = np.zeros((batch, k, m), dtype=bool)
@@ -464,46 +472,57 @@ def _completed(rows, cols, fill):
     return out
 
 
-# Where k binds and no other support held a plan, the repair solves, on
-# problems of at most this many entries, the mixed-integer program of
-# _milp_support, with at most this many branch-and-bound nodes (a node
-# limit, not a time limit, so that the result does not depend on the
-# machine) and this relative optimality gap; only where a spanning tree
-# fits (n + m - 1 <= k m). A plan's support holds a spanning forest of it
-# with one tree per set of rows and columns of equal mass, so with masses
-# in general position every plan needs n + m - 1 nonzeros; where k m is
-# below that, a plan needs such coincidences, and the program found none
-# (on 150 random problems of 2-60 rows and columns, uniform or random
-# masses, with no size limit: none found, up to 34 s per problem).
+# Where k binds and no other support held a plan, the repair solves the
+# mixed-integer program of _milp_support on problems of at most
+# _MILP_MAX_ENTRIES entries; with repair="full", over every entry up to
+# _MILP_MAX_ENTRIES_FULL entries and, beyond, over the dual's best entries
+# where they are at most that many. Within at most _MILP_NODE_LIMIT
+# branch-and-bound nodes (a node limit, not a time limit, so that the result
+# does not depend on the machine) and the relative optimality gap
+# _MILP_GAP; only where a spanning tree fits (n + m - 1 <= k m). A plan's
+# support holds a spanning forest of it with one tree per set of rows and
+# columns of equal mass, so with masses in general position every plan
+# needs n + m - 1 nonzeros; where k m is below that, a plan needs such
+# coincidences, and the program found none (on 150 random problems of 2-60
+# rows and columns, uniform or random masses, with no size limit: none
+# found, up to 34 s per problem).
 # Measured on the 40 problems of bench_transport.py --hard-binding (16-24 x
 # 6-8, uneven masses) where no other support held a plan: HiGHS found a
 # plan on all 16 where a tree fits (at its root node), in 0.03-2.6 s (median
 # 0.35 s); on the 24 others it found 12 infeasible and gave up on 12 (none
 # found in 10 s either). With HiGHS's default gap (1e-4), the same repaired
-# plans, but 1.0 s against 0.28 s (median over the 40, run on each). On the
-# 150 random problems: plans on 2 more (47 x 11 and 27 x 35, 517 and 945
-# entries, 0.4 s and 2.4 s).
-_MILP_MAX_ENTRIES = 1024
+# plans, but 1.0 s against 0.28 s (median over the 40, run on each). The
+# program's time grows fast and unevenly with its size: on the 150 random
+# problems, allowed up to 1024 entries, it found plans on 2 more (47 x 11
+# and 27 x 35, 517 and 945 entries, 0.4 s and 2.4 s); on a random-mass
+# 44 x 23 problem (1012 entries) 6 s. With "full" (there over every entry,
+# elsewhere over the dual's best 495-1023), it found plans on 5 of the 7
+# random-mass problems of 23-112 rows and columns that the other supports
+# missed and where a tree fits, in 6-20 s per call, and gave up on 2 after
+# 12-17 s.
+_MILP_MAX_ENTRIES = 256
+_MILP_MAX_ENTRIES_FULL = 1024
 _MILP_NODE_LIMIT = 10
 _MILP_GAP = 1e-2
 
 
-def _milp_support(a, b, C, fill, which):
+def _milp_support(a, b, C, fill, which, entries=None):
     """Supports from a plan with at most k nonzeros per column, where one exists.
 
     The support problem itself: ``min <P, C>`` over plans with the marginals
     and at most ``k`` nonzeros per column, a mixed-integer program (one
     binary per entry, ``P_ij <= min(a_i, b_j) z_ij``, ``sum_i z_ij <= k``)
     solved by HiGHS (:func:`scipy.optimize.milp`) within ``_MILP_NODE_LIMIT``
-    nodes. Its plan's rows are completed to k per column with those of
+    nodes, over every entry or, with ``entries`` (``(B, n, m)`` bool), over
+    those alone. Its plan's rows are completed to k per column with those of
     ``fill`` (:func:`_completed`). The linear cost picks a support, not the
     regularized plan: the repair's solve on the completed support spreads
     the mass.
 
     Returns ``idx`` (``(B, k, m)``), ``ok`` (a plan was found; only the
-    problems ``which`` are solved) and ``none`` (HiGHS found the program
-    infeasible: no plan with at most k nonzeros per column has the
-    marginals), both ``(B,)``.
+    problems ``which`` are solved) and ``none`` (over every entry, HiGHS
+    found the program infeasible: no plan with at most k nonzeros per column
+    has the marginals), both ``(B,)``.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -513,35 +532,35 @@ def _milp_support(a, b, C, fill, which):
     out = fill_np.copy()
     ok = to_numpy(which).astype(bool)
     none = np.zeros(batch, dtype=bool)
-    rows, cols = (x.ravel() for x in np.indices((n, m)))
-    entries = np.arange(n * m)
-    # Variables: the plan's entries, then their binaries.
-    marginals = sp.csr_array(
-        (np.ones(2 * n * m), (np.concatenate([rows, n + cols]),
-                              np.concatenate([entries, entries]))),
-        shape=(n + m, 2 * n * m))
-    per_column = sp.csr_array((np.ones(n * m), (cols, n * m + entries)),
-                              shape=(m, 2 * n * m))
-    integrality = np.repeat([0, 1], n * m)
-    bounds = Bounds(0, np.concatenate([np.full(n * m, np.inf), np.ones(n * m)]))
     for i in np.nonzero(ok)[0]:
+        rows, cols = np.nonzero(np.ones((n, m), dtype=bool) if entries is None
+                                else to_numpy(entries[i]))
+        size = rows.size
         a_i, b_i = to_numpy(a[i]), to_numpy(b[i])
-        link = sp.csr_array(
-            (np.concatenate([np.ones(n * m), -np.minimum(a_i[rows], b_i[cols])]),
-             (np.concatenate([entries, entries]),
-              np.concatenate([entries, n * m + entries]))),
-            shape=(n * m, 2 * n * m))
-        costs = np.concatenate([to_numpy(C[i]).ravel(), np.zeros(n * m)])
+        # Variables: the plan's entries, then their binaries.
+        own = np.arange(size)
         margins = np.concatenate([a_i, b_i])
-        found = milp(costs, integrality=integrality, bounds=bounds, constraints=[
-            LinearConstraint(marginals, margins, margins),
-            LinearConstraint(link, -np.inf, 0.0),
-            LinearConstraint(per_column, 0, k)],
+        constraints = [
+            LinearConstraint(sp.csr_array(
+                (np.ones(2 * size), (np.concatenate([rows, n + cols]),
+                                     np.concatenate([own, own]))),
+                shape=(n + m, 2 * size)), margins, margins),
+            LinearConstraint(sp.csr_array(
+                (np.concatenate([np.ones(size), -np.minimum(a_i[rows], b_i[cols])]),
+                 (np.concatenate([own, own]), np.concatenate([own, size + own]))),
+                shape=(size, 2 * size)), -np.inf, 0.0),
+            LinearConstraint(sp.csr_array((np.ones(size), (cols, size + own)),
+                                          shape=(m, 2 * size)), 0, k)]
+        found = milp(
+            np.concatenate([to_numpy(C[i])[rows, cols], np.zeros(size)]),
+            integrality=np.repeat([0, 1], size), constraints=constraints,
+            bounds=Bounds(0, np.concatenate([np.full(size, np.inf), np.ones(size)])),
             options={"node_limit": _MILP_NODE_LIMIT, "mip_rel_gap": _MILP_GAP})
         if found.x is None:
-            ok[i], none[i] = False, found.status == 2
+            ok[i], none[i] = False, entries is None and found.status == 2
             continue
-        mass = found.x[:n * m].reshape(n, m)
+        mass = np.zeros((n, m))
+        mass[rows, cols] = found.x[:size]
         top = np.argsort(-mass, axis=0, kind="stable")[:k]
         held = np.take_along_axis(mass, top, axis=0) > 0
         out[i] = _completed(top[held], np.nonzero(held)[1], fill_np[i])
@@ -682,12 +701,14 @@ def _repair(res, a, b, C, gamma, err, tol, binding, full=False):
             wide = best - bound > _CAPPED_MIN_GAP * (1.0 + bound.abs())
             todo = broken & binding & wide
         if base == "milp":
-            # Only small problems where k binds, no support held a plan, and
-            # a spanning tree fits in k rows per column.
+            # Only where k binds, no support held a plan, a spanning tree fits
+            # in k rows per column, and the program is small.
             todo = broken & binding & ~repaired
             n, m = C.shape[1:]
-            if n * m > _MILP_MAX_ENTRIES or n + m - 1 > res.idx.shape[1] * m:
+            if n + m - 1 > res.idx.shape[1] * m or (
+                    n * m > _MILP_MAX_ENTRIES and not full):
                 break
+            limit = _MILP_MAX_ENTRIES_FULL if full else _MILP_MAX_ENTRIES
         if not bool(todo.any()):
             continue
         idx, mask = res.idx, None
@@ -698,7 +719,12 @@ def _repair(res, a, b, C, gamma, err, tol, binding, full=False):
             idx, mask, todo = _capped_support(a, b, C, res.alpha, res.beta,
                                               idx.shape[1], todo)
         if base == "milp":
-            idx, todo, none = _milp_support(a, b, C, fill, todo)
+            entries = None
+            if C.shape[1] * C.shape[2] > limit:
+                # With full: the dual's best entries, where few enough.
+                entries = _best_entries(res.alpha, res.beta, C, idx.shape[1])
+                todo = todo & (entries.sum(dim=(1, 2)) <= limit)
+            idx, todo, none = _milp_support(a, b, C, fill, todo, entries)
             infeasible = infeasible | none
         if base == "exact_ot":
             # Completed with the averaged plan's heaviest rows where there is
@@ -881,7 +907,7 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         plan whose entries stay below ``b_j / k``, the evenest spread ``k``
         entries allow (an LP on each column's and row's best entries); the
         cheapest plan is kept. Where ``k`` binds and none of those holds a
-        plan, on problems of at most ``n m = 1024`` entries where
+        plan, on problems of at most ``n m = 256`` entries where
         ``n + m - 1 <= k m``: the support of the cheapest plan with at most
         ``k`` nonzeros per column, from a mixed-integer program (HiGHS,
         within 10 branch-and-bound nodes), which may instead find that no
@@ -892,7 +918,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         tried only up to ``n m = 1e7`` entries; ``"full"`` tries them at any
         size (measured on the CPU at ``n = m = 10,000``, 2-D clouds, ``k =
         2``, ``gamma = 0.1 median(C)``: 119-141 s against 113.5 s, for exact
-        marginals where ``True`` returns the read-out's 1.2e-2). ``False``
+        marginals where ``True`` returns the read-out's 1.2e-2), and the
+        mixed-integer program on up to 1024 entries (beyond ``n m = 1024``,
+        on the dual's best entries; seconds to tens of seconds). ``False``
         returns the read-out.
     device : str, torch.device or None, default=None
         Where to compute; ``None`` computes where ``C`` lives (the CPU for
