@@ -1520,7 +1520,8 @@ def test_repair_full_runs_the_mixed_integer_program_on_larger_problems(n, m, k,
     # than the program takes).
     a, b, C = _uneven_problem(n, m, seed)
     gamma = 10.0 * float(np.median(C))
-    with pytest.warns(ConvergenceWarning, match="none of the supports"):
+    with pytest.warns(ConvergenceWarning, match="none of the supports.*or pass "
+                      "repair='full'"):
         default = sparsity_constrained_ot(a, b, C, k, gamma)
     assert default.marginal_error > 1e-3
     full = sparsity_constrained_ot(a, b, C, k, gamma, repair="full")

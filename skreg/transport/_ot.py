@@ -634,10 +634,11 @@ def _repair(res, a, b, C, gamma, err, tol, binding, full=False):
     leaves a gap to the dual above ``_CAPPED_MIN_GAP`` (relative), the
     capped-spread support of :func:`_capped_support` (same size limit);
     and, where k binds and no support so far held a plan, on problems of at
-    most ``_MILP_MAX_ENTRIES`` entries where a spanning tree fits in k rows
-    per column, the support of a plan with at most k
-    nonzeros per column from a mixed-integer program
-    (:func:`_milp_support`), which may also find that none exists.
+    most ``_MILP_MAX_ENTRIES`` entries (with ``full``, see
+    ``_MILP_MAX_ENTRIES_FULL``) where a spanning tree fits in k rows per
+    column, the support of a plan with at most k nonzeros per column from a
+    mixed-integer program (:func:`_milp_support`), which may also find that
+    none exists.
     Where k does not bind, the first plan with
     the marginals is the optimum and is returned. Where k binds (``binding``,
     ``(B,)``) on problems of at most ``_TRY_ALL_SUPPORTS_ENTRIES`` entries,
@@ -1106,6 +1107,10 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
                 why += (f", or pass repair='full' (beyond n m = "
                         f"{_EXACT_OT_MAX_ENTRIES:.0e} entries the supports from "
                         "linear programs are skipped)")
+            elif repair != "full" and n * m > _MILP_MAX_ENTRIES and n + m - 1 <= k * m:
+                why += (f", or pass repair='full' (beyond n m = {_MILP_MAX_ENTRIES} "
+                        "entries it alone runs a mixed-integer program for a "
+                        "support, in seconds to tens of seconds)")
             why += "."
         elif not repair:
             why = "increase max_iter or gamma, or pass repair=True."
