@@ -489,8 +489,8 @@ def _completed(rows, cols, fill):
 # Measured on the 40 problems of bench_transport.py --hard-binding (16-24 x
 # 6-8, uneven masses) where no other support held a plan: HiGHS found a
 # plan on all 16 where a tree fits (at its root node), in 0.03-2.6 s (median
-# 0.35 s); on the 24 others it found 12 infeasible and gave up on 12 (none
-# found in 10 s either). With HiGHS's default gap (1e-4), the same repaired
+# 0.35 s); on the 24 others, with a 10 s limit each, it found 14 infeasible
+# and gave up on 10. With HiGHS's default gap (1e-4), the same repaired
 # plans, but 1.0 s against 0.28 s (median over the 40, run on each). The
 # program's time grows fast and unevenly with its size: on the 150 random
 # problems, allowed up to 1024 entries, it found plans on 2 more (47 x 11
