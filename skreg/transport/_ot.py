@@ -75,6 +75,11 @@ class SparseOTResult:
     binding : bool or array
         Whether some column would take more than ``max_nz`` rows at the
         returned potentials, i.e. whether the sparsity constraint is active.
+    infeasible : bool or array
+        Whether no plan with at most ``max_nz`` nonzeros per column has the
+        marginals, proved either by counting (``max_nz * m`` nonzeros cannot
+        cover the ``n`` rows with mass) or by the repair's mixed-integer
+        program. False means only that no proof was found.
 
     Examples
     --------
@@ -102,6 +107,7 @@ class SparseOTResult:
     readout_marginal_error: Any
     repaired: Any
     binding: Any
+    infeasible: Any
 
 
 class _OptimalValue(torch.autograd.Function):
@@ -1076,8 +1082,10 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
             x.clone() for x in (res.alpha, res.beta, res.dual_objective, res.n_iter,
                                 res.converged))
         alpha, beta = res.alpha, res.beta
-        readout_err, repaired, binding = (
-            x.clone() for x in (readout_err, repaired, binding))
+        # Every row with mass needs a nonzero, and there are k m at most.
+        infeasible = infeasible | (k * C_t.shape[2] < n)
+        readout_err, repaired, binding, infeasible = (
+            x.clone() for x in (readout_err, repaired, binding, infeasible))
         err = _plan_errors(idx, vals, a_t, b_t)
         cost = _cost(idx, vals, C_t)
         primal = _primal(idx, vals, C_t, gamma)
@@ -1131,7 +1139,7 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
         "duality_gap": primal - res.dual_objective, "n_iter": res.n_iter,
         "converged": res.converged, "marginal_error": err,
         "readout_marginal_error": readout_err, "repaired": repaired,
-        "binding": binding,
+        "binding": binding, "infeasible": infeasible,
     }
     return fields, primal
 
