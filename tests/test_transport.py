@@ -24,6 +24,8 @@ from skreg.transport import (
 )
 from skreg.transport._degree import degree_capped_plan
 from skreg.transport._solver import (
+    _laplacian_dense,
+    _sparse_solve,
     _working_set_size,
     _WorkingSet,
     dual_objective,
@@ -1417,6 +1419,103 @@ def test_float32_and_torch_inputs_keep_their_type_and_device(device):
     assert res.plan.device.type == device
     assert res.plan_sparse.is_sparse
     assert float(res.marginal_error) <= 1e-4
+
+
+def _scaled_pair(n, m, k, factor, seed=3):
+    a, b, C = _problem(n=n, m=m, seed=seed)
+    return a, b, C, k, factor * float(np.median(C))
+
+
+@pytest.mark.parametrize("binding", [False, True])
+@pytest.mark.parametrize("mass, unit", [(1e-6, 1.0), (1e6, 1.0), (1.0, 1e-6),
+                                        (1e-4, 1e4)])
+def test_masses_and_costs_at_any_scale_give_the_same_problem(binding, mass, unit):
+    # (s a, s b, t C, gamma t / s) is s t times (a, b, C, gamma): the same
+    # plan up to s, the same potentials up to t. Before the solver worked at
+    # unit mass, masses of total 1e-6 stopped its stages at once (every
+    # error below their 1e-3: a dual 54% low), and costs of 1e-6 met the
+    # stall test's floor of 1 early (1.5e-5 low where k binds).
+    n, m = (24, 16) if binding else (30, 20)
+    a, b, C, k, gamma = _scaled_pair(n, m, 2 if binding else 10,
+                                     0.1 * n if binding else 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        ref = sparsity_constrained_ot(a, b, C, k, gamma)
+        res = sparsity_constrained_ot(a * mass, b * mass, C * unit, k,
+                                      gamma * unit / mass)
+    assert ref.binding == binding
+    scale = mass * unit
+    np.testing.assert_allclose(res.dual_objective / scale, ref.dual_objective,
+                               rtol=1e-9)
+    assert res.marginal_error / mass <= 1e-9
+    assert ((res.plan > 0).sum(axis=0) <= k).all()
+    if not binding:
+        np.testing.assert_allclose(res.plan / mass, ref.plan, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(res.primal_objective / scale,
+                                   ref.primal_objective, rtol=1e-9)
+
+
+def test_a_power_of_two_scale_is_solved_exactly_as_the_original():
+    # The solver works at unit mass, scaling by the power of two nearest the
+    # total: (s a, s b, s C, gamma) is then the same arithmetic as (a, b, C,
+    # gamma), here along a binding path with a repair.
+    a, b, C, k, gamma = _scaled_pair(24, 16, 2, 0.1 * 24)
+    ref = _quiet(sparsity_constrained_ot, a, b, C, k, gamma)
+    assert ref.binding and ref.repaired
+    s = 2.0 ** -12
+    res = _quiet(sparsity_constrained_ot, a * s, b * s, C * s, k, gamma)
+    assert res.n_iter == ref.n_iter
+    np.testing.assert_array_equal(res.plan, s * ref.plan)
+    np.testing.assert_array_equal(res.alpha, s * ref.alpha)
+    assert res.dual_objective == s * s * ref.dual_objective
+
+
+def test_tol_is_relative_to_the_total_mass():
+    a, b, C = _problem(n=10, m=8, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = sparsity_constrained_ot(a * 1e6, b * 1e6, C, 3, 1e6 * float(np.median(C)),
+                                      tol=1e-9)
+    assert res.marginal_error <= 1e-9 * 1e6
+    with pytest.warns(ConvergenceWarning, match="of the total mass"):
+        sparsity_constrained_ot(a * 1e6, b * 1e6, C, 3, 1e6 * float(np.median(C)),
+                                max_iter=1, repair=False)
+
+
+def test_float32_input_is_solved_in_float64_and_returned_in_float32():
+    # Plan entries are (alpha - C) / (gamma b_j): a float32 dual resolves
+    # them to eps |C| / (gamma b_j), here 1e-2 of a column's mass, and the
+    # float32 solve missed the marginals by 1.7e-3 (n = 1000, 0.1 median(C):
+    # 1e-2, with no repair).
+    a, b, C = _problem(n=30, m=20, seed=0)
+    gamma = 1e-4 * float(np.median(C))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = sparsity_constrained_ot(a.astype(np.float32), b.astype(np.float32),
+                                      C.astype(np.float32), 2, gamma)
+    ref = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert res.plan.dtype == np.float32 and res.alpha.dtype == np.float32
+    assert res.marginal_error <= 100 * np.finfo(np.float32).eps
+    np.testing.assert_allclose(res.plan, ref.plan, atol=1e-6)
+
+
+def test_the_sparse_newton_solve_handles_a_column_with_no_entry():
+    # A column whose plan rounds to zero is an isolated node of the support
+    # graph; SuperLU called the system exactly singular and returned NaN.
+    rng = np.random.RandomState(0)
+    n, m, k = 6, 4, 2
+    idx = torch.as_tensor(np.stack([rng.permutation(n)[:k] for _ in range(m)], 1))[None]
+    active = torch.ones(1, k, m, dtype=torch.bool)
+    active[0, :, 2] = False
+    rhs = torch.as_tensor(rng.randn(1, n))
+    shift = torch.full((1, 1), 1e-3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _sparse_solve(rhs, idx, active, shift)
+    lap = _laplacian_dense(n, idx, active, torch.float64)[0] + 1e-3 * torch.eye(n)
+    # Shifted by 1e-3, the system has a condition number near 1e4.
+    np.testing.assert_allclose(got[0].numpy(), torch.linalg.solve(lap, rhs[0]).numpy(),
+                               rtol=1e-6)
 
 
 def test_results_are_ordinary_tensors_that_autograd_and_callers_can_use():

@@ -644,8 +644,9 @@ class _LbfgsState:
     """
 
     def __init__(self, x, value, grad, pairs, memory, patience, tol, full=None,
-                 scale=None, trace=0, max_iter=None, extra=()):
+                 scale=None, trace=0, max_iter=None, extra=(), unit=None):
         self.x, self.value, self.grad = x.clone(), value.clone(), grad.clone()
+        self.unit = torch.ones_like(value) if unit is None else unit.clone()
         if pairs is None:
             shape = (x.shape[0], memory, x.shape[1])
             pairs = (x.new_zeros(shape), x.new_zeros(shape))
@@ -781,7 +782,8 @@ class _LbfgsState:
         # is settled to rounding: that is the stall. The error itself often
         # rises before it falls, so it cannot serve as the progress measure.
         gained = new_value - self.history[:, 0]
-        flat = (self.count >= patience) & (gained <= 1e-12 * (1.0 + new_value.abs()))
+        flat = (self.count >= patience) & (
+            gained <= 1e-12 * (self.unit + new_value.abs()))
         moving = moves.squeeze(1)
         history = torch.where(moves, torch.cat([self.history[:, 1:],
                                                 new_value.unsqueeze(1)], 1),
@@ -808,7 +810,7 @@ class _LbfgsState:
     # The per-problem state: indexed along the batch by subset() and absorb().
     _BATCHED = ("x", "value", "grad", "s_mem", "y_mem", "hess", "full", "step",
                 "trial_step", "search", "slope", "tries", "fresh", "done",
-                "history", "count", "accepted")
+                "history", "count", "accepted", "unit")
 
     def subset(self, rows):
         """The state of the problems ``rows`` alone (a copy)."""
@@ -948,7 +950,7 @@ _USE_CUDA_GRAPHS = True
 
 
 def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
-           trial=None, full=None, trace=0, active=None):
+           trial=None, full=None, trace=0, active=None, unit=None):
     """Batched L-BFGS maximization of a concave ``fun(x, floor)``.
 
     ``fun`` returns ``(value, grad, *extra)``.
@@ -961,8 +963,9 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
 
     ``scale`` sets the first step, ``scale * grad``, and the restarts.
     A problem stops on ``||grad||_1 <= tol``, after ``max_iter`` iterations,
-    or on a stall: the value rose by less than ``1e-12 (1 + |value|)`` over
-    the last ``patience`` iterations.
+    or on a stall: the value rose by less than ``1e-12 (unit + |value|)`` over
+    the last ``patience`` iterations (``unit``, ``(B,)``, default 1: see
+    :func:`_objective_unit`).
 
     Each problem keeps its own curvature pairs (oldest first, zero-padded)
     and line search (:class:`_LbfgsState`), so a problem of a batch follows
@@ -985,7 +988,7 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     out = fun(x, None)
     state = _LbfgsState(x, out[0], out[1], pairs, memory, patience, tol, full=full,
                         scale=scale, trace=trace, max_iter=max_iter,
-                        extra=out[2:] if trace else ())
+                        extra=out[2:] if trace else (), unit=unit)
     if active is not None:
         state.done |= ~active
     _lbfgs_rounds(state, fun, trial, scale, max(max_iter, 0) * _MAX_TRIES)
@@ -1088,8 +1091,13 @@ def _sparse_solve(rhs, idx, active, shift):
     out = np.empty((batch, n))
     for i in range(batch):
         rows, cols = idx_np[i][act_np[i]], grid[act_np[i]] + n
+        # A column with no entry in use (its plan rounded to zero, as in
+        # float32 at small gamma) is an isolated node: a unit diagonal keeps
+        # the matrix regular (SuperLU called it exactly singular and
+        # returned NaN) and changes nothing in the rows' solution.
+        degree = np.bincount(cols - n, minlength=m)
         diag = np.concatenate([np.bincount(rows, minlength=n) + shift_np[i],
-                               np.bincount(cols - n, minlength=m)])
+                               np.where(degree > 0, degree, 1)])
         ones = np.ones(rows.size)
         matrix = sp.csc_array(
             (np.concatenate([diag, -ones, -ones]),
@@ -1152,7 +1160,7 @@ def _start_newton_search(rows, gamma, grad, sel, t, span, direction, slope, step
 
 def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
                       skip=None, upper=None, span=None, min_step=None,
-                      window=_NEWTON_WINDOW):
+                      window=_NEWTON_WINDOW, unit=None):
     """Semismooth Newton (constant diagonal shift, Armijo line search).
 
     ``evaluate(alpha)`` returns ``(value, grad, idx, t)`` as
@@ -1197,8 +1205,13 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
     phase (measured at n = 10,000, d = 2, k = 2, on the exact-OT support: the
     error stayed near 1e-2 for about 40 steps, then reached 1e-6 within 98
     steps; the window had stopped it at step 30, at 1.0e-2).
+
+    ``unit`` (``(B,)``, default 1) floors the relative tests on the value
+    (:func:`_objective_unit`).
     """
     value, grad, sel, t = evaluate(alpha)
+    if unit is None:
+        unit = torch.ones_like(value)
     err = _marginal_error(grad)
     best_alpha, best_err = alpha, err
     since_best = torch.zeros_like(err, dtype=torch.long)
@@ -1268,10 +1281,10 @@ def _newton_semi_dual(evaluate, alpha, gamma, max_iter, tol, patience,
         # of 1e-5 accepted for a rise of 2e-14 while the error stayed at
         # 7e-7). There the error itself must fall; elsewhere a fall of
         # the error at an unchanged value is progress too.
-        resolvable = slope > 1e-10 * (1.0 + value.abs())
+        resolvable = slope > 1e-10 * (unit + value.abs())
         falls = new_err < (1.0 - 1e-4 * step) * err
         armijo = new_value >= value + 1e-4 * step * slope
-        flat = new_value >= value - 1e-13 * (1.0 + value.abs())
+        flat = new_value >= value - 1e-13 * (unit + value.abs())
         ok = torch.where(resolvable, armijo | (flat & falls), falls)
         tries = tries + 1
         ends = (ok | (tries >= _NEWTON_TRIES)) & ~finished
@@ -1411,6 +1424,24 @@ def _binds(t, k):
 def _working_set_size(k):
     """Candidate rows per column kept by :class:`_WorkingSet` for a given k."""
     return max(2 * k, k + 16)
+
+
+def _objective_unit(C):
+    """Each problem's floor for tests relative to the objective, ``(B,)``.
+
+    The stall tests compare a change of the value with ``unit + |value|``.
+    At unit mass (the callers of :func:`sparsity_constrained_ot` solve
+    there) the value is of the order of the costs, so a floor of 1 was
+    loose where costs are small: at costs of 1e-6 L-BFGS stopped 1.5e-5
+    below the dual of the same problem at unit cost (k binding). The floor
+    is the costs' median magnitude (over a sample of at most 1e5 entries;
+    their largest where the median is 0), capped at 1, which leaves
+    problems with costs of order 1 or more as they were.
+    """
+    flat = C.abs().flatten(1)
+    size = flat[:, ::max(1, flat.shape[1] // 100_000)].median(dim=1).values
+    size = torch.where(size > 0, size, flat.amax(dim=1))
+    return torch.where(size > 0, size, torch.ones_like(size)).clamp(max=1.0)
 
 
 def _gamma_path(b, C, gamma):
@@ -1584,6 +1615,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     # alone.
     path, lengths = _gamma_path(b, C, gamma)
     joins = len(path) - lengths
+    unit = _objective_unit(C)
     if min(n, m) >= _COARSE_MIN_N:
         size = min(max(min(n, m) // 8, 250), 1000, min(n, m) // 2)
         alpha = torch.empty_like(a)
@@ -1632,7 +1664,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
         alpha, used, pairs, traced = _lbfgs(
             fun, alpha, budget, max(tol, 1e-4 if last else _STAGE_TOL),
             stage_gamma * n, patience=patience, pairs=pairs, trial=fun.trial,
-            full=full, trace=trace, active=joins <= stage)
+            full=full, trace=trace, active=joins <= stage, unit=unit)
         previous_gamma = stage_gamma
         n_iter += used
     _, grad, _, _ = work(alpha, gamma, k)
@@ -1641,7 +1673,7 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
     alpha, it_newton, _ = _newton_semi_dual(
         _StageObjective(work, gamma, k), alpha, gamma, max_iter // 10 + 10, tol,
         patience=10, skip=_marginal_error(grad) > switch,
-        span=_potential_span(b, C, gamma), min_step=_NEWTON_MIN_STEP)
+        span=_potential_span(b, C, gamma), min_step=_NEWTON_MIN_STEP, unit=unit)
     value, grad, idx, t = work(alpha, gamma, k)
     vals = t * b.unsqueeze(1)
     beta = _beta_from_plan(alpha, C, idx, vals, gamma)
@@ -1674,7 +1706,7 @@ def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
 
     x0 = torch.zeros(a.shape[0], n + b.shape[1], dtype=a.dtype, device=a.device)
     x, n_iter, _, _ = _lbfgs(fun, x0, max_iter, tol, gamma * (n + b.shape[1]),
-                          patience=patience)
+                          patience=patience, unit=_objective_unit(C))
     alpha, beta = x[:, :n], x[:, n:]
     value, ga, gb, idx, vals = dual_objective(alpha, beta, a, b, C, gamma, k)
     err = _marginal_error(ga) + _marginal_error(gb)
@@ -1747,18 +1779,19 @@ def solve_on_support(a, b, C, gamma, idx, alpha0, *, mask=None, max_iter=200,
 
     upper = _support_bound(b, C, gamma, idx, mask)
     span = _potential_span(b, C.gather(1, idx), gamma)
+    unit = _objective_unit(C)
     alpha, n_iter, best = _newton_semi_dual(
         evaluate, alpha0, gamma, max_iter, tol, patience=10, upper=upper, span=span,
-        window=None)
+        window=None, unit=unit)
     if holds is not None:
         stuck = holds & (best > tol) & (evaluate(alpha)[0] <= upper)
         if bool(stuck.any()):
             start, used, _, _ = _lbfgs(lambda x, floor=None: evaluate(x), alpha,
                                        _SUPPORT_LBFGS_ITER, tol, gamma * a.shape[1],
-                                       active=stuck)
+                                       active=stuck, unit=unit)
             again, more, best_again = _newton_semi_dual(
                 evaluate, start, gamma, max_iter, tol, patience=10, skip=~stuck,
-                upper=upper, span=span, window=None)
+                upper=upper, span=span, window=None, unit=unit)
             take = stuck & (best_again < best)
             alpha = torch.where(take.unsqueeze(1), again, alpha)
             n_iter = n_iter + torch.where(stuck, used + more, 0)
