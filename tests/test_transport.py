@@ -1410,6 +1410,36 @@ def test_dual_formulation_reaches_the_semi_dual_value():
     assert dual.marginal_error <= 1e-6
 
 
+@pytest.mark.parametrize("k", [10, 2])
+def test_dual_formulation_reaches_pots_dual_optimum(k):
+    # POT's own dual objective at both solvers' potentials (k = 2 binds).
+    a, b, C = _problem(n=15, seed=3)
+    gamma = 0.1 * np.median(C) * 15
+    regul = SparsityConstrained(max_nz=k, gamma=gamma)
+    _, log = _quiet(ot.smooth.smooth_ot_dual, a, b, C, gamma,
+                    reg_type="sparsity_constrained", max_nz=k, log=True)
+    pot_best = _quiet(dual_obj_grad, log["alpha"], log["beta"], a, b, C, regul)[0]
+    res = sparsity_constrained_ot(a, b, C, k, gamma, formulation="dual")
+    ours = _quiet(dual_obj_grad, res.alpha, res.beta, a, b, C, regul)[0]
+    assert ours >= pot_best - 1e-9 * abs(pot_best)
+    np.testing.assert_allclose(ours, res.dual_objective, rtol=1e-12)
+    assert res.marginal_error <= 1e-9
+
+
+def test_dual_formulation_leaves_the_linear_region_at_small_gamma():
+    # From zero potentials every plan entry is zero and the dual linear; at
+    # gamma = 1e-8 median(C) L-BFGS never left that region (1000 iterations,
+    # a zero plan). The continuation in gamma reaches the semi-dual's value.
+    a, b, C = _problem(n=30, m=20, seed=0)
+    gamma = 1e-8 * float(np.median(C))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        semi = sparsity_constrained_ot(a, b, C, 10, gamma)
+        dual = sparsity_constrained_ot(a, b, C, 10, gamma, formulation="dual")
+    np.testing.assert_allclose(dual.dual_objective, semi.dual_objective, rtol=1e-7)
+    assert dual.marginal_error <= 1e-4
+
+
 def test_float32_and_torch_inputs_keep_their_type_and_device(device):
     a, b, C = _problem(n=8)
     C32 = torch.tensor(C, dtype=torch.float32, device=device)

@@ -892,7 +892,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         unregularized at ``n = 1000``.
     formulation : {"semi_dual", "dual"}, default="semi_dual"
         ``"semi_dual"`` optimizes ``alpha`` only and gets the ``b``-marginal
-        exactly; ``"dual"`` optimizes ``(alpha, beta)`` by L-BFGS alone.
+        exactly; ``"dual"`` optimizes ``(alpha, beta)`` by L-BFGS alone
+        (along the same continuation in ``gamma``, without the working set,
+        the slack stages or the Newton polish).
     max_iter : int, default=1000
         L-BFGS iteration budget of the last continuation stage (see Notes;
         the preparatory stages stop at ``min(max_iter, 400)``); the Newton

@@ -1690,6 +1690,14 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
 def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
     """Maximize the sparsity-constrained dual in ``(alpha, beta)`` with L-BFGS.
 
+    Along the semi-dual's continuation in ``gamma`` (:func:`_gamma_path`),
+    from ``alpha = 0`` and ``beta_j = min_i C_ij + gamma_0 b_j``, where each
+    column's best row alone would carry its mass. From zero potentials (all
+    plan entries zero, the dual linear) at ``gamma = 1e-8 median(C)`` L-BFGS
+    had not left the linear region after 1000 iterations (a zero plan, a
+    marginal error of 2), and at ``1e-3 median(C)``, ``n = 200``, it stopped
+    at an error of 1.
+
     The dual is not polished by Newton; its read-out generally misses both
     marginals until convergence, which is why ``formulation="semi_dual"`` is the
     default and the repair step exists.
@@ -1699,14 +1707,24 @@ def solve_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10):
     SolverResult
     """
     n = a.shape[1]
+    path, lengths = _gamma_path(b, C, gamma)
+    joins = len(path) - lengths
+    unit = _objective_unit(C)
+    first = torch.as_tensor(path, dtype=C.dtype, device=C.device)[joins].unsqueeze(1)
+    x = torch.cat([torch.zeros_like(a), C.amin(dim=1) + first * b], dim=1)
+    n_iter = 0
+    for stage, stage_gamma in enumerate(path):
+        def fun(x, floor=None, stage_gamma=stage_gamma):
+            value, ga, gb, _, _ = dual_objective(x[:, :n], x[:, n:], a, b, C,
+                                                 stage_gamma, k)
+            return value, torch.cat([ga, gb], dim=1)
 
-    def fun(x, floor=None):
-        value, ga, gb, _, _ = dual_objective(x[:, :n], x[:, n:], a, b, C, gamma, k)
-        return value, torch.cat([ga, gb], dim=1)
-
-    x0 = torch.zeros(a.shape[0], n + b.shape[1], dtype=a.dtype, device=a.device)
-    x, n_iter, _, _ = _lbfgs(fun, x0, max_iter, tol, gamma * (n + b.shape[1]),
-                          patience=patience, unit=_objective_unit(C))
+        last = stage == len(path) - 1
+        x, used, _, _ = _lbfgs(
+            fun, x, max_iter if last else min(max_iter, _STAGE_MAX_ITER),
+            tol if last else max(tol, _STAGE_TOL), stage_gamma * (n + b.shape[1]),
+            patience=patience, unit=unit, active=joins <= stage)
+        n_iter = n_iter + used
     alpha, beta = x[:, :n], x[:, n:]
     value, ga, gb, idx, vals = dual_objective(alpha, beta, a, b, C, gamma, k)
     err = _marginal_error(ga) + _marginal_error(gb)
