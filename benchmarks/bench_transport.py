@@ -16,7 +16,8 @@ columns, uneven masses) and counts where skreg's dual reaches POT's;
 ``--routing`` runs only batched token routing (many small problems in one call
 against POT looped over them); ``--rectangular`` runs only rectangular problems
 with uniform masses where k binds (how many of skreg's plans have the
-marginals).
+marginals); ``--scales`` runs only the same problems in other units (masses
+times s, costs times t, gamma times t / s) and in float32.
 """
 
 import argparse
@@ -244,6 +245,56 @@ def _routing(device):
             print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def _scales(device):
+    """The same problem in other units, and in float32.
+
+    ``(s a, s b, t C, gamma t / s)`` is ``s t`` times ``(a, b, C, gamma)``:
+    each solver's dual objective (POT's own semi-dual objective at its
+    potentials, divided by ``s t``) is compared with skreg's at unit scale,
+    and marginal errors are divided by ``s``. The float32 rows pass float32
+    masses and costs (n = 1000: there plan entries ``(alpha - C) / (gamma
+    b_j)`` need more than float32's resolution); POT is not run on them.
+    """
+    header = ["n", "k", "binds", "s (masses)", "t (costs)", "dtype",
+              "skreg dual / unit - 1", "skreg err / s", "skreg s",
+              "POT dual / unit - 1", "POT err / s", "POT s"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = [(200, s, t, np.float64) for s, t in
+            ((1.0, 1.0), (1e-6, 1.0), (1e-3, 1.0), (1e6, 1.0), (1.0, 1e-6), (1.0, 1e6))]
+    rows += [(1000, 1.0, 1.0, np.float32)]
+    for n, scale, unit, dtype in rows:
+        a, b, C = _problem(n, 2)
+        for k in (2, 10):
+            gamma = 0.1 * float(np.median(C))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = sparsity_constrained_ot(a, b, C, k, gamma)
+                start = time.perf_counter()
+                res = sparsity_constrained_ot(
+                    *(torch.as_tensor((x * f).astype(dtype), device=device)
+                      for x, f in ((a, scale), (b, scale), (C, unit))),
+                    k, gamma * unit / scale)
+                ours_s = time.perf_counter() - start
+            dual = float(res.dual_objective) / (scale * unit)
+            cells = [str(n), str(k), str(bool(ref.binding)), f"{scale:g}", f"{unit:g}",
+                     np.dtype(dtype).name,
+                     f"{(dual - ref.dual_objective) / abs(ref.dual_objective):+.1e}",
+                     f"{float(res.marginal_error) / scale:.1e}", f"{ours_s:.2f}"]
+            if dtype == np.float64:
+                sa, sb, sC = a * scale, b * scale, C * unit
+                plan, log, pot_s = _run_pot("semi_dual", sa, sb, sC, k,
+                                            gamma * unit / scale)
+                pot = _pot_objective(log["alpha"], sa, sb, sC, k,
+                                     gamma * unit / scale) / (scale * unit)
+                rel = (pot - ref.dual_objective) / abs(ref.dual_objective)
+                cells += [f"{rel:+.1e}", f"{_errors(plan, sa, sb) / scale:.1e}",
+                          f"{pot_s:.2f}"]
+            else:
+                cells += ["-", "-", "-"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -271,6 +322,9 @@ def main(argv=None):
     parser.add_argument("--routing", action="store_true",
                         help="only batched token routing (groups of tokens "
                              "to experts) against POT looped over the groups")
+    parser.add_argument("--scales", action="store_true",
+                        help="only the same problems in other units (masses, "
+                             "costs) and in float32")
     parser.add_argument("--repair", choices=["true", "false", "full"], default="true",
                         help="the repair argument of the main table's solves "
                              "(default true; full tries the exact-OT support "
@@ -311,6 +365,9 @@ def main(argv=None):
         return
     if args.rectangular:
         _rectangular(device)
+        return
+    if args.scales:
+        _scales(device)
         return
     header = ["n", "d", "k", "gamma", "skreg s", "POT semi s", "POT dual s",
               "ratio", "skreg iters", "POT obj @skreg - POT obj",
