@@ -1050,8 +1050,9 @@ def _mass_scale(a):
     (same ``gamma``): its plan is ``s`` times, its potentials ``s`` times.
     The solver's tests are in units of mass (marginal errors, stage
     tolerances), so it solves at unit mass: at masses of total 1e-6 it
-    stopped its stages at once (every error below their 1e-3), 54% below
-    the dual of the same problem at unit mass. A power of two makes the
+    stopped its stages at once (every error below their 1e-3), 54-87%
+    below the dual of the same problem at unit mass (60 x 40 and 200 x 200
+    2-D clouds). A power of two makes the
     scaling exact (a problem scaled by one is solved as the original), and
     the scale is each problem's own (``gamma`` is shared by the batch), so a
     batch still returns its looped solves. Returns ``(B,)``.
