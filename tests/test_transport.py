@@ -1786,6 +1786,8 @@ _A, _B, _C = _problem(n=5)
     ({"max_nz": 2.5}, TypeError, "max_nz must be an integer"),
     ({"gamma": 0.0}, ValueError, "gamma must be a positive"),
     ({"gamma": -1.0}, ValueError, "gamma must be a positive"),
+    ({"gamma": torch.tensor([1.0])}, TypeError, "gamma must be a real number"),
+    ({"max_nz": torch.tensor(2.0)}, TypeError, "max_nz must be an integer"),
     ({"a": _A[:4]}, ValueError, "a must have shape"),
     ({"b": np.ones((2, 5)) / 5}, ValueError, "b must have shape"),
     ({"C": _C[0]}, ValueError, "C must be a 2-D"),
@@ -1801,6 +1803,17 @@ def test_bad_input_is_rejected_with_a_message_naming_the_argument(kwargs, error,
         sparsity_constrained_ot(args.pop("a"), args.pop("b"), args.pop("C"),
                                 args.pop("max_nz"), args.pop("gamma"), **args)
 
+
+
+def test_zero_dimensional_gamma_and_max_nz_are_read_as_their_values():
+    # gamma = 0.1 * C.median() is a 0-d tensor; it was a TypeError.
+    a, b, C = (torch.as_tensor(x) for x in _problem(n=8, seed=2))
+    ref = sparsity_constrained_ot(a, b, C, 2, float(0.1 * C.median()))
+    res = sparsity_constrained_ot(a, b, C, torch.tensor(2), 0.1 * C.median())
+    also = sparsity_constrained_ot(a.numpy(), b.numpy(), C.numpy(), np.array(2),
+                                   np.array(float(0.1 * C.median())))
+    torch.testing.assert_close(res.plan, ref.plan, rtol=0, atol=0)
+    np.testing.assert_array_equal(also.plan, ref.plan.numpy())
 
 def test_transport_maps_source_onto_the_target_cloud_and_back():
     rng = np.random.RandomState(13)

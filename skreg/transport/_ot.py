@@ -881,15 +881,17 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     C : array-like or tensor of shape (n, m) or (B, n, m)
         Cost matrix; a leading batch dimension solves ``B`` problems at once.
     max_nz : int
-        ``k``, the largest number of nonzeros per column, in ``[1, n]``.
+        ``k``, the largest number of nonzeros per column, in ``[1, n]`` (a
+        0-d integer array or tensor is read as its value).
         ``k = 1`` approaches unregularized OT as ``gamma -> 0``; ``k = n`` is
         quadratically regularized OT.
     gamma : float
-        Weight of the quadratic term, as POT's ``reg``. The potentials and costs
-        are of the order of ``C`` while plan entries are of the order of
-        ``1/n``, so the regularization matters when ``gamma`` is of the order
-        of ``n`` times the cost spread; ``0.1 * median(C)`` is nearly
-        unregularized at ``n = 1000``.
+        Weight of the quadratic term, as POT's ``reg`` (a 0-d array or
+        tensor, such as ``0.1 * C.median()``, is read as its value). The
+        potentials and costs are of the order of ``C`` while plan entries are
+        of the order of ``1/n``, so the regularization matters when ``gamma``
+        is of the order of ``n`` times the cost spread; ``0.1 * median(C)`` is
+        nearly unregularized at ``n = 1000``.
     formulation : {"semi_dual", "dual"}, default="semi_dual"
         ``"semi_dual"`` optimizes ``alpha`` only and gets the ``b``-marginal
         exactly; ``"dual"`` optimizes ``(alpha, beta)`` by L-BFGS alone
@@ -1026,6 +1028,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     True
     """
     C_in = C
+    # gamma = 0.1 * C.median() is a 0-d tensor: read scalars as their value.
+    max_nz, gamma = (
+        x.item() if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 else x
+        for x in (max_nz, gamma))
     a_t, b_t, C_t, batched, is_torch, device = _validate(
         a, b, C, max_nz, gamma, formulation, max_iter, tol, device, repair)
     # float32 input is solved in float64 and returned in float32, which
