@@ -1815,6 +1815,15 @@ def test_zero_dimensional_gamma_and_max_nz_are_read_as_their_values():
     torch.testing.assert_close(res.plan, ref.plan, rtol=0, atol=0)
     np.testing.assert_array_equal(also.plan, ref.plan.numpy())
 
+
+@pytest.mark.parametrize("a, b", [(None, None), ([], []), (None, "uniform")])
+def test_missing_masses_are_uniform_as_in_pot(a, b):
+    _, uniform, C = _problem(n=7, m=5, seed=4)
+    ref = sparsity_constrained_ot(np.full(7, 1 / 7), uniform, C, 3, 0.5)
+    res = sparsity_constrained_ot(a, uniform if b == "uniform" else b, C, 3, 0.5)
+    assert ref.marginal_error <= 1e-9
+    np.testing.assert_array_equal(res.plan, ref.plan)
+
 def test_transport_maps_source_onto_the_target_cloud_and_back():
     rng = np.random.RandomState(13)
     Xs, Xt = rng.randn(30, 2), rng.randn(25, 2) * 0.5 + 5.0

@@ -134,6 +134,10 @@ class _OptimalValue(torch.autograd.Function):
 
 
 def _check_masses(name, mass, size, batch, dtype, device):
+    if mass is None or (not isinstance(mass, torch.Tensor)
+                        and np.asarray(mass).size == 0):
+        # Uniform masses, as POT reads None or [].
+        mass = np.full(size, 1.0 / size)
     if not isinstance(mass, torch.Tensor):
         mass = np.ascontiguousarray(mass, dtype=np.float64)
     mass = torch.as_tensor(mass).to(device=device, dtype=dtype).detach()
@@ -874,10 +878,11 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
 
     Parameters
     ----------
-    a : array-like or tensor of shape (n,) or (B, n)
-        Source masses (nonnegative).
-    b : array-like or tensor of shape (m,) or (B, m)
-        Target masses (nonnegative, same total as ``a``).
+    a : array-like or tensor of shape (n,) or (B, n), or None
+        Source masses (nonnegative); None or empty: uniform, ``1/n`` each.
+    b : array-like or tensor of shape (m,) or (B, m), or None
+        Target masses (nonnegative, same total as ``a``); None or empty:
+        uniform, ``1/m`` each.
     C : array-like or tensor of shape (n, m) or (B, n, m)
         Cost matrix; a leading batch dimension solves ``B`` problems at once.
     max_nz : int
