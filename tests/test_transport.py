@@ -1085,6 +1085,23 @@ def test_gradient_of_the_value_with_respect_to_cost_is_the_plan():
                                              * direction).sum(), rtol=1e-5)
 
 
+
+def test_gradient_with_respect_to_the_masses_is_the_potentials_at_any_total():
+    # The envelope theorem at masses of total 3 (solved at unit mass, the
+    # potentials scaled back): dV = <alpha, da> + <beta, db> along moves
+    # that keep the totals equal.
+    a, b, C = _problem(n=8, seed=8)
+    a, b = 3 * a, 3 * b
+    res = sparsity_constrained_ot(a, b, C, 8, 3.0)
+    rng = np.random.RandomState(10)
+    da, db = rng.randn(8), rng.randn(8)
+    db += (da.sum() - db.sum()) / 8
+    eps = 1e-6
+    up = sparsity_constrained_ot(a + eps * da, b + eps * db, C, 8, 3.0).value
+    down = sparsity_constrained_ot(a - eps * da, b - eps * db, C, 8, 3.0).value
+    np.testing.assert_allclose((up - down) / (2 * eps),
+                               res.alpha @ da + res.beta @ db, rtol=1e-5)
+
 def test_bfgs_update_is_the_textbook_formula_and_solves_the_secant_equation():
     # H+ = V' H V + rho s s' (V = I - rho y s'), so H+ y = s; a pair with
     # s'y <= 0 leaves its problem's H unchanged.
