@@ -1426,6 +1426,16 @@ def _working_set_size(k):
     return max(2 * k, k + 16)
 
 
+def _cost_sample(C):
+    """Each problem's costs, flattened, thinned to at most about 1e5: ``(B, s)``.
+
+    Medians of the costs come from this sample (a full median of ``n m``
+    entries would cost more than a solver stage at ``n = 30,000``).
+    """
+    flat = C.flatten(1)
+    return flat[:, ::max(1, flat.shape[1] // 100_000)]
+
+
 def _objective_unit(C):
     """Each problem's floor for tests relative to the objective, ``(B,)``.
 
@@ -1438,9 +1448,9 @@ def _objective_unit(C):
     their largest where the median is 0), capped at 1, which leaves
     problems with costs of order 1 or more as they were.
     """
-    flat = C.abs().flatten(1)
-    size = flat[:, ::max(1, flat.shape[1] // 100_000)].median(dim=1).values
-    size = torch.where(size > 0, size, flat.amax(dim=1))
+    magnitude = C.abs()
+    size = _cost_sample(magnitude).median(dim=1).values
+    size = torch.where(size > 0, size, magnitude.flatten(1).amax(dim=1))
     return torch.where(size > 0, size, torch.ones_like(size)).clamp(max=1.0)
 
 
@@ -1453,9 +1463,7 @@ def _gamma_path(b, C, gamma):
     that longest path and each problem's number of stages (``(B,)``).
     """
     lengths = []
-    for problem, mass in zip(C, b, strict=True):
-        flat = problem.flatten()
-        sample = flat[::max(1, flat.numel() // 100_000)]
+    for sample, mass in zip(_cost_sample(C), b, strict=True):
         start = _START_FACTOR * float(sample.median()) / float(mass.mean())
         stages = [gamma]
         while stages[-1] * _STAGE_FACTOR < start:
