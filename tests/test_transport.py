@@ -13,6 +13,7 @@ from ot.smooth import SparsityConstrained, SquaredL2, dual_obj_grad, semi_dual_o
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, PredefinedSplit
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 
 from skreg.transport import (
@@ -1932,6 +1933,48 @@ def test_domain_adaptation_beats_training_on_the_raw_source():
     clf = SparseOTDomainAdaptationClassifier(max_nz=2, gamma=0.1, device="cpu")
     adapted = clf.fit(Xs, y_s, X_target=Xt).score(Xt, y_t)
     assert adapted >= 0.9 > raw
+
+
+def test_sample_weight_reaches_the_transport_and_only_classifiers_that_take_it():
+    Xs, y_s, Xt, y_t = _shifted_blobs()
+    w = np.random.RandomState(3).uniform(0.5, 2.0, len(Xs))
+    # KNeighborsClassifier.fit has no sample_weight: the weights still set
+    # the source masses of the transport. (Generic masses need a connected
+    # support, 60 + 50 - 1 entries: max_nz = 2 gives only 100.)
+    knn = SparseOTDomainAdaptationClassifier(
+        KNeighborsClassifier(3), max_nz=3, gamma=0.1, device="cpu").fit(
+        Xs, y_s, X_target=Xt, sample_weight=w)
+    np.testing.assert_allclose(knn.transport_.plan_.sum(axis=1), w / w.sum(),
+                               atol=1e-9)
+    assert knn.score(Xt, y_t) >= 0.9
+    # LogisticRegression takes them: it is fitted with the same weights.
+    lr = SparseOTDomainAdaptationClassifier(
+        LogisticRegression(), max_nz=3, gamma=0.1, device="cpu").fit(
+        Xs, y_s, X_target=Xt, sample_weight=w)
+    ref = LogisticRegression().fit(lr.transport_.transported_source_, y_s,
+                                   sample_weight=w)
+    unweighted = LogisticRegression().fit(lr.transport_.transported_source_, y_s)
+    np.testing.assert_allclose(lr.estimator_.coef_, ref.coef_)
+    assert not np.allclose(lr.estimator_.coef_, unweighted.coef_)
+
+
+def test_classifier_passes_its_transport_parameters_and_decision_function():
+    from sklearn.svm import LinearSVC
+
+    Xs, y_s, Xt, y_t = _shifted_blobs()
+    params = dict(max_nz=3, gamma=0.2, metric="euclidean",
+                  cost_normalization="max", formulation="dual", max_iter=500,
+                  tol=1e-8, repair="full", device="cpu")
+    clf = SparseOTDomainAdaptationClassifier(LinearSVC(), **params).fit(
+        Xs, y_s, X_target=Xt)
+    ref = SparseOTTransport(**params).fit(Xs, X_target=Xt)
+    assert {key: clf.transport_.get_params()[key] for key in params} == params
+    np.testing.assert_allclose(clf.transport_.plan_, ref.plan_)
+    np.testing.assert_allclose(clf.decision_function(Xt),
+                               clf.estimator_.decision_function(Xt))
+    assert not hasattr(clf, "predict_proba")
+    knn = SparseOTDomainAdaptationClassifier(KNeighborsClassifier(), device="cpu")
+    assert not hasattr(knn, "decision_function") and hasattr(knn, "predict_proba")
 
 
 def test_grid_search_over_a_pipeline_routes_x_target():

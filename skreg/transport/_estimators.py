@@ -22,6 +22,7 @@ from sklearn.utils.validation import (
     _check_sample_weight,
     check_array,
     check_is_fitted,
+    has_fit_parameter,
     validate_data,
 )
 
@@ -306,9 +307,14 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
     gamma : float, default=1.0
         Relative regularization weight (see :class:`SparseOTTransport`).
     metric : {"sqeuclidean", "euclidean", "cityblock"}, default="sqeuclidean"
+    cost_normalization : {"median", "max"} or None, default="median"
+    formulation : {"semi_dual", "dual"}, default="semi_dual"
     max_iter : int, default=1000
     tol : float, default=1e-9
+    repair : bool or "full", default=True
     device : str or torch.device, default="auto"
+        These seven are passed to the :class:`SparseOTTransport`, whose
+        documentation describes them.
 
     Attributes
     ----------
@@ -346,19 +352,27 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         "max_nz": [Interval(numbers.Integral, 1, None, closed="left")],
         "gamma": [Interval(numbers.Real, 0, None, closed="neither")],
         "metric": [StrOptions(_METRICS)],
+        "cost_normalization": [StrOptions({"median", "max"}), None],
+        "formulation": [StrOptions({"semi_dual", "dual"})],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="neither")],
+        "repair": ["boolean", StrOptions({"full"})],
         "device": [str, torch.device],
     }
 
     def __init__(self, estimator=None, *, max_nz=2, gamma=1.0,
-                 metric="sqeuclidean", max_iter=1000, tol=1e-9, device="auto"):
+                 metric="sqeuclidean", cost_normalization="median",
+                 formulation="semi_dual", max_iter=1000, tol=1e-9, repair=True,
+                 device="auto"):
         self.estimator = estimator
         self.max_nz = max_nz
         self.gamma = gamma
         self.metric = metric
+        self.cost_normalization = cost_normalization
+        self.formulation = formulation
         self.max_iter = max_iter
         self.tol = tol
+        self.repair = repair
         self.device = device
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -374,7 +388,8 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         X_target : array-like of shape (n_target, n_features), default=None
             Unlabelled target samples; the source itself when None.
         sample_weight : array-like of shape (n_source,), default=None
-            Source masses, also passed to the classifier when it accepts them.
+            Source masses, also passed to the classifier when its ``fit``
+            has a ``sample_weight`` parameter.
 
         Returns
         -------
@@ -386,13 +401,17 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         self.classes_ = np.unique(y)
         self.transport_ = SparseOTTransport(
             max_nz=self.max_nz, gamma=self.gamma, metric=self.metric,
-            max_iter=self.max_iter, tol=self.tol, device=self.device,
+            cost_normalization=self.cost_normalization,
+            formulation=self.formulation, max_iter=self.max_iter, tol=self.tol,
+            repair=self.repair, device=self.device,
         ).fit(X, X_target=X_target, sample_weight=sample_weight)
         base = LogisticRegression() if self.estimator is None else self.estimator
         self.n_iter_ = self.transport_.n_iter_
         self.estimator_ = clone(base)
-        fit_params = {} if sample_weight is None else {
-            "sample_weight": sample_weight}
+        # The weights are the source masses in any case; the classifier gets
+        # them too where its fit takes them.
+        fit_params = {} if sample_weight is None or not has_fit_parameter(
+            base, "sample_weight") else {"sample_weight": sample_weight}
         self.estimator_.fit(self.transport_.transported_source_, y, **fit_params)
         return self
 
@@ -410,6 +429,23 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         return self.estimator_.predict(X)
+
+    @available_if(_estimator_has("decision_function"))
+    def decision_function(self, X):
+        """Decision scores of target-domain samples (when ``estimator`` has
+        ``decision_function``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,) or (n_samples, n_classes)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self.estimator_.decision_function(X)
 
     @available_if(_estimator_has("predict_proba"))
     def predict_proba(self, X):
