@@ -721,6 +721,55 @@ def test_k_one_dual_is_the_exact_ot_value_plus_the_constant_and_beats_pot():
     assert np.count_nonzero(res.plan, axis=0).max() <= 1
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_totals_equal_to_float32_rounding_are_made_equal(k):
+    # b normalized in float32: its total is 1 - 1.5e-8. The semi-dual of
+    # unequal totals has no maximum; the plan missed the marginals by 0.45
+    # (k = 1) and 0.04 (k = 2) before b was rescaled to a's total.
+    rng = np.random.RandomState(0)
+    X, Y = rng.randn(40, 2), rng.randn(40, 2) + 1.0
+    C = ot.dist(X, Y)
+    a = np.full(40, 1 / 40)
+    b = np.full(40, 1 / 40, dtype=np.float32).astype(np.float64)
+    assert abs(b.sum() - 1.0) > 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = sparsity_constrained_ot(a, b, C, k, 0.1 * np.median(C))
+    assert res.marginal_error <= 1e-9
+    np.testing.assert_allclose(res.plan.sum(axis=0), b / b.sum(), atol=1e-12)
+    np.testing.assert_allclose(res.plan.sum(axis=1), a, atol=1e-9)
+    assert np.count_nonzero(res.plan, axis=0).max() <= k
+    assert res.duality_gap >= -1e-9
+
+
+@pytest.mark.parametrize("n, m, k, gamma", [(8, 8, 1, 0.5), (30, 20, 2, 0.05),
+                                            (40, 40, 1, 0.01)])
+def test_a_constant_added_to_the_costs_changes_only_the_level(n, m, k, gamma):
+    # Costs all negative: POT's network simplex (the k = 1 solve and the
+    # repair's exact plan) calls such a problem infeasible; before the costs
+    # were shifted to a zero minimum, k = 1 returned wrong potentials (a gap
+    # of 3e-2 at 8 x 8) and a dearer repaired plan at 30 x 20.
+    rng = np.random.RandomState(n + m + k)
+    C = rng.rand(n, m)
+    C -= C.min()
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    base = sparsity_constrained_ot(a, b, C, k, gamma)
+    for shift in (-5.0, 3.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = sparsity_constrained_ot(a, b, C + shift, k, gamma)
+        np.testing.assert_allclose(res.plan, base.plan, atol=1e-12)
+        for name in ("cost", "primal_objective"):
+            assert getattr(res, name) == pytest.approx(
+                getattr(base, name) + shift, abs=1e-12)
+        # Where k binds the maximizer is not unique (its rounding differs).
+        assert res.dual_objective == pytest.approx(base.dual_objective + shift,
+                                                   abs=1e-12 if k == 1 else 1e-9)
+        if k == 1:
+            np.testing.assert_allclose(res.alpha, base.alpha + shift, atol=1e-12)
+            np.testing.assert_allclose(res.beta, base.beta, atol=1e-12)
+
+
 def test_too_few_nonzeros_for_the_rows_is_named_in_the_warning():
     # 3 columns of at most 2 nonzeros cannot cover 8 rows with mass.
     a, b, C = _problem(n=8, m=3, seed=1)
@@ -1812,6 +1861,14 @@ _A, _B, _C = _problem(n=5)
     ({"formulation": "primal"}, ValueError, "formulation must be"),
     ({"repair": "yes"}, ValueError, "repair must be True, False or 'full'"),
     ({"device": "tpu"}, ValueError, "device must be"),
+    ({"tol": np.inf}, ValueError, "tol must be a positive finite"),
+    ({"tol": True}, ValueError, "tol must be a positive finite"),
+    ({"max_iter": True}, ValueError, "max_iter must be a positive integer"),
+    ({"C": _C + 1j}, TypeError, "C must be a real"),
+    ({"C": torch.as_tensor(_C) + 1j}, TypeError, "C must be real"),
+    ({"C": np.zeros((0, 5, 5))}, ValueError, "C must be non-empty"),
+    ({"a": torch.as_tensor(_A).requires_grad_()}, TypeError,
+     "a requires grad but C is a NumPy array"),
 ])
 def test_bad_input_is_rejected_with_a_message_naming_the_argument(kwargs, error,
                                                                   match):
@@ -1821,6 +1878,40 @@ def test_bad_input_is_rejected_with_a_message_naming_the_argument(kwargs, error,
         sparsity_constrained_ot(args.pop("a"), args.pop("b"), args.pop("C"),
                                 args.pop("max_nz"), args.pop("gamma"), **args)
 
+
+
+@pytest.mark.parametrize("k", [12, 3])
+def test_gradient_with_respect_to_gamma_is_half_the_plan_squared_norm(k):
+    # Envelope theorem: d/dgamma of <P, C> + gamma/2 ||P||^2 at the optimum.
+    rng = np.random.RandomState(0)
+    C = torch.tensor(rng.rand(12, 10))
+    a, b = torch.full((12,), 1 / 12, dtype=torch.float64), torch.full(
+        (10,), 0.1, dtype=torch.float64)
+    gamma = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    res = sparsity_constrained_ot(a, b, C, k, gamma)
+    res.value.backward()
+    h = 1e-5
+    diff = (sparsity_constrained_ot(a, b, C, k, 0.3 + h).value
+            - sparsity_constrained_ot(a, b, C, k, 0.3 - h).value) / (2 * h)
+    assert float(gamma.grad) == pytest.approx(float(diff), rel=1e-6)
+    assert float(gamma.grad) == pytest.approx(float(res.plan.square().sum()) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_half_precision_and_integer_costs_come_back_in_float32_or_float64(dtype):
+    a, b, C = _problem(n=10, seed=4)
+    C_in = torch.as_tensor(C * 10).to(dtype)
+    res = sparsity_constrained_ot(torch.as_tensor(a), torch.as_tensor(b), C_in, 2,
+                                  1.0)
+    expected = torch.float64 if dtype == torch.int64 else torch.float32
+    assert res.plan.dtype == res.alpha.dtype == expected
+    ref = sparsity_constrained_ot(a, b, C_in.to(torch.float64).numpy(), 2, 1.0)
+    np.testing.assert_allclose(res.plan.double().numpy(), ref.plan, atol=1e-6)
+    if dtype != torch.int64:
+        numpy = sparsity_constrained_ot(a, b, C_in.float().numpy().astype(np.float16)
+                                        if dtype == torch.float16 else
+                                        C_in.float().numpy(), 2, 1.0)
+        assert numpy.plan.dtype == np.float32
 
 
 def test_zero_dimensional_gamma_and_max_nz_are_read_as_their_values():
@@ -1975,6 +2066,84 @@ def test_classifier_passes_its_transport_parameters_and_decision_function():
     assert not hasattr(clf, "predict_proba")
     knn = SparseOTDomainAdaptationClassifier(KNeighborsClassifier(), device="cpu")
     assert not hasattr(knn, "decision_function") and hasattr(knn, "predict_proba")
+
+
+def test_transport_raises_a_max_nz_too_small_for_the_source():
+    # 100 sources and 40 targets: 2 per target cannot reach every source (the
+    # plan's read-out left 27 of them without mass, and they were mapped to
+    # the origin).
+    rng = np.random.RandomState(0)
+    Xs, Xt = rng.randn(100, 2), rng.randn(40, 2) + 10.0
+    est = SparseOTTransport(max_nz=2, device="cpu").fit(Xs, X_target=Xt)
+    assert est.max_nz_ == 3 and est.get_params()["max_nz"] == 2
+    assert np.count_nonzero(est.plan_, axis=0).max() <= 3
+    assert est.marginal_error_ <= 1e-9
+    np.testing.assert_allclose(est.transform(Xs).mean(axis=0), Xt.mean(axis=0),
+                               atol=1e-9)
+    # Samples of weight zero need no mass: 80 of them count.
+    w = np.r_[np.ones(80), np.zeros(20)]
+    est = SparseOTTransport(max_nz=2, device="cpu").fit(Xs, X_target=Xt,
+                                                        sample_weight=w)
+    assert est.max_nz_ == 2 and est.marginal_error_ <= 1e-9
+    clf = SparseOTDomainAdaptationClassifier(device="cpu").fit(
+        Xs, np.arange(100) % 2, X_target=Xt)
+    assert clf.transport_.max_nz_ == 3
+
+
+def test_samples_of_weight_zero_are_as_if_absent_and_move_with_their_neighbours():
+    rng = np.random.RandomState(1)
+    Xs, Xt = rng.randn(30, 2), rng.randn(25, 2) + 3.0
+    w = np.ones(30)
+    w[[3, 7, 11]] = 0.0
+    held = w > 0
+    est = SparseOTTransport(max_nz=3, device="cpu").fit(Xs, X_target=Xt,
+                                                        sample_weight=w)
+    ref = SparseOTTransport(max_nz=3, device="cpu").fit(Xs[held], X_target=Xt)
+    np.testing.assert_allclose(est.plan_[held], ref.plan_, atol=1e-12)
+    assert not est.plan_[~held].any()
+    np.testing.assert_allclose(est.transported_source_[held],
+                               ref.transported_source_, atol=1e-12)
+    # A weightless sample moves as a new sample does: by its nearest weighted
+    # sample's displacement (it used to land on the origin).
+    moved = est.transform(Xs)
+    np.testing.assert_allclose(moved, est.transported_source_, atol=1e-12)
+    for i in np.flatnonzero(~held):
+        near = np.flatnonzero(held)[np.argmin(((Xs[held] - Xs[i]) ** 2).sum(1))]
+        np.testing.assert_allclose(moved[i], Xs[i] + moved[near] - Xs[near])
+    np.testing.assert_allclose(ref.transform(Xs[~held]), moved[~held], atol=1e-12)
+    # The same for targets of weight zero in inverse_transform.
+    v = np.ones(25)
+    v[[0, 5]] = 0.0
+    inv = SparseOTTransport(max_nz=3, device="cpu").fit(
+        Xs, X_target=Xt, target_weight=v)
+    back = inv.inverse_transform(Xt)
+    assert np.abs(back[[0, 5]]).min() > 0
+    np.testing.assert_allclose(back, inv.transported_target_, atol=1e-12)
+
+
+def test_transport_names_bad_target_inputs():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.RandomState(2)
+    Xs, Xt = rng.randn(20, 2), rng.randn(15, 2) + 1.0
+    est = SparseOTTransport(device="cpu")
+    with pytest.raises(ValueError, match=r"target_weight must have shape \(15,\)"):
+        est.fit(Xs, X_target=Xt, target_weight=np.ones(3))
+    with pytest.raises(ValueError, match="target_weight"):
+        est.fit(Xs, X_target=Xt, target_weight=np.r_[np.nan, np.ones(14)])
+    source = pd.DataFrame(Xs, columns=["u", "v"])
+    target = pd.DataFrame(Xt, columns=["u", "v"])
+    fitted = SparseOTTransport(device="cpu").fit(source, X_target=target)
+    np.testing.assert_array_equal(fitted.target_, Xt)
+    with pytest.raises(ValueError, match="X_target must have the feature names"):
+        est.fit(source, X_target=target[["v", "u"]])
+
+
+def test_classifier_delegates_predict_log_proba():
+    Xs, y_s, Xt, y_t = _shifted_blobs()
+    clf = SparseOTDomainAdaptationClassifier(max_nz=3, device="cpu").fit(
+        Xs, y_s, X_target=Xt)
+    np.testing.assert_allclose(clf.predict_log_proba(Xt),
+                               np.log(clf.predict_proba(Xt)))
 
 
 def test_grid_search_over_a_pipeline_routes_x_target():

@@ -19,7 +19,7 @@ from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
-    _check_sample_weight,
+    _get_feature_names,
     check_array,
     check_is_fitted,
     has_fit_parameter,
@@ -45,9 +45,14 @@ def _cost_matrix(X, Y, metric):
 def _masses(weight, X, name):
     if weight is None:
         return np.full(X.shape[0], 1.0 / X.shape[0])
-    weight = _check_sample_weight(weight, X, dtype=np.float64)
+    weight = check_array(weight, ensure_2d=False, dtype=np.float64,
+                         input_name=name)
+    if weight.shape != (X.shape[0],):
+        raise ValueError(
+            f"{name} must have shape ({X.shape[0]},), got {weight.shape}.")
     if (weight < 0).any() or weight.sum() <= 0:
-        raise ValueError(f"{name} must be nonnegative with a positive sum.")
+        raise ValueError(
+            f"{name} must be nonnegative and not all zero (a positive sum).")
     return weight / weight.sum()
 
 
@@ -67,11 +72,15 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     ----------
     max_nz : int, default=2
         Largest number of source samples feeding each target sample. Clipped
-        to the number of source samples.
+        to the number of source samples, and raised to
+        ``ceil(n_source / n_target)`` (samples of weight zero not counted)
+        where it is below: with fewer, no plan reaches every source sample.
+        ``max_nz_`` is the value used.
     gamma : float, default=1.0
         Weight of the quadratic regularization, relative to the cost scale:
         the solver gets ``gamma * scale`` with ``scale`` the median (or max,
-        see ``cost_normalization``) of the cost matrix.
+        see ``cost_normalization``) of the cost matrix between the samples
+        of nonzero weight.
     metric : {"sqeuclidean", "euclidean", "cityblock"}, default="sqeuclidean"
         Ground cost between samples.
     cost_normalization : {"median", "max"} or None, default="median"
@@ -93,6 +102,9 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     ----------
     plan_ : ndarray of shape (n_source, n_target)
         The transport plan.
+    max_nz_ : int
+        The largest number of nonzeros per column the plan was allowed (see
+        ``max_nz``).
     source_ : ndarray of shape (n_source, n_features)
         The training source samples.
     target_ : ndarray of shape (n_target, n_features)
@@ -120,7 +132,9 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     A new sample ``x`` is moved by the displacement of its nearest training
     source sample, :math:`x + T(x_{i^*}) - x_{i^*}` (the out-of-sample rule of
     Ferradans et al. 2014, also used by POT), so ``transform`` on the training
-    samples equals ``transported_source_``. Without ``X_target`` the target is
+    samples equals ``transported_source_``. A training sample that the plan
+    gives no mass (weight zero) has no barycentre and moves by the same rule,
+    from its nearest sample with mass. Without ``X_target`` the target is
     the source itself: the plan is then a sparse self-transport that smooths
     the data, close to the identity for small ``gamma``.
 
@@ -187,6 +201,14 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         if X_target is None:
             Xt = X
         else:
+            names = getattr(self, "feature_names_in_", None)
+            target_names = _get_feature_names(X_target)
+            if names is not None and target_names is not None and not (
+                    np.array_equal(names, target_names)):
+                raise ValueError(
+                    "X_target must have the feature names of X, in the same "
+                    f"order: got {list(target_names)}, expected {list(names)}."
+                )
             Xt = check_array(X_target, dtype=X.dtype, input_name="X_target")
             if Xt.shape[1] != X.shape[1]:
                 raise ValueError(
@@ -194,6 +216,10 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 )
         a = _masses(sample_weight, X, "sample_weight")
         b = _masses(target_weight, Xt, "target_weight")
+        # Each source sample with mass needs a nonzero in some column, and
+        # there are max_nz per target sample with mass.
+        sources, targets = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+        self.max_nz_ = min(max(self.max_nz, -(-sources // targets)), X.shape[0])
         Xs_t = to_tensor(X, device)
         Xt_t = to_tensor(Xt, device)
         C = _cost_matrix(Xs_t, Xt_t, self.metric)
@@ -201,22 +227,24 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         if self.cost_normalization is not None:
             reduce = torch.median if self.cost_normalization == "median" else (
                 torch.max)
-            scale = float(reduce(C))
+            # Over the samples with mass: a sample of weight zero is as if
+            # absent.
+            used = C[torch.as_tensor(a > 0, device=C.device)][
+                :, torch.as_tensor(b > 0, device=C.device)]
+            scale = float(reduce(used))
             if not np.isfinite(scale) or scale <= 0:
                 # All samples coincide: every plan costs zero, any scale works.
                 scale = 1.0
         result = sparsity_constrained_ot(
-            a, b, C / scale, min(self.max_nz, X.shape[0]), self.gamma,
+            a, b, C / scale, self.max_nz_, self.gamma,
             formulation=self.formulation, max_iter=self.max_iter, tol=self.tol,
             repair=self.repair, device=device)
         plan = result.plan
         self.plan_ = to_numpy(plan).astype(X.dtype, copy=False)
         self.source_ = X
         self.target_ = Xt
-        self.transported_source_ = to_numpy(_barycentric(plan, Xt_t)).astype(
-            X.dtype, copy=False)
-        self.transported_target_ = to_numpy(_barycentric(plan.T, Xs_t)).astype(
-            X.dtype, copy=False)
+        self.transported_source_ = self._images(X, Xt, self.plan_)
+        self.transported_target_ = self._images(Xt, X, self.plan_.T)
         self.alpha_ = to_numpy(result.alpha) * scale
         self.beta_ = to_numpy(result.beta) * scale
         self.transport_cost_ = float(result.cost) * scale
@@ -225,6 +253,21 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         self.n_iter_ = int(result.n_iter)
         return self
 
+    def _images(self, X, Y, plan):
+        """Barycentric images in ``Y`` of the rows of ``X`` under ``plan``.
+
+        A row without mass (weight zero, or a plan that misses it) has no
+        barycentre: it moves as a new sample would, by the displacement of
+        its nearest row with mass.
+        """
+        mass = plan.sum(axis=1)
+        held = mass > 0
+        images = np.array(X, copy=True)
+        images[held] = (plan[held] @ Y) / mass[held, None]
+        if not held.all():
+            images[~held] = self._move(X[~held], X[held], images[held])
+        return images.astype(X.dtype, copy=False)
+
     def _move(self, X, reference, images):
         device = resolve_device(self.device)
         X_t = to_tensor(X, device)
@@ -232,6 +275,11 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         nearest = to_numpy(_nearest(X_t, ref_t))
         return (X + images[nearest] - reference[nearest]).astype(X.dtype,
                                                                   copy=False)
+
+    def _moved(self, X, reference, images, plan):
+        # Only rows with mass have an image of their own to lend.
+        held = plan.sum(axis=1) > 0
+        return self._move(X, reference[held], images[held])
 
     def transform(self, X):
         """Map source-domain samples to the target domain.
@@ -246,7 +294,8 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self._move(X, self.source_, self.transported_source_)
+        return self._moved(X, self.source_, self.transported_source_,
+                           self.plan_)
 
     def inverse_transform(self, X):
         """Map target-domain samples back to the source domain.
@@ -261,7 +310,8 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self._move(X, self.target_, self.transported_target_)
+        return self._moved(X, self.target_, self.transported_target_,
+                           self.plan_.T)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -277,14 +327,6 @@ def _estimator_has(name):
         return hasattr(base, name)
 
     return check
-
-
-def _barycentric(plan, points):
-    mass = plan.sum(dim=1, keepdim=True)
-    # A row without mass (only possible when the marginals are missed) stays
-    # where the nearest mass is: use uniform weights over the row instead.
-    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-    return (plan @ points.to(plan.dtype)) / safe
 
 
 class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
@@ -375,6 +417,11 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         self.repair = repair
         self.device = device
 
+    def _delegate(self, method, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return getattr(self.estimator_, method)(X)
+
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y, *, X_target=None, sample_weight=None):
         """Fit the transport, then the classifier on the transported source.
@@ -426,9 +473,7 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         -------
         y_pred : ndarray of shape (n_samples,)
         """
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self.estimator_.predict(X)
+        return self._delegate("predict", X)
 
     @available_if(_estimator_has("decision_function"))
     def decision_function(self, X):
@@ -443,9 +488,7 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         -------
         scores : ndarray of shape (n_samples,) or (n_samples, n_classes)
         """
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self.estimator_.decision_function(X)
+        return self._delegate("decision_function", X)
 
     @available_if(_estimator_has("predict_proba"))
     def predict_proba(self, X):
@@ -460,9 +503,22 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
         -------
         proba : ndarray of shape (n_samples, n_classes)
         """
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self.estimator_.predict_proba(X)
+        return self._delegate("predict_proba", X)
+
+    @available_if(_estimator_has("predict_log_proba"))
+    def predict_log_proba(self, X):
+        """Log class probabilities of target-domain samples (when
+        ``estimator`` has ``predict_log_proba``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+        """
+        return self._delegate("predict_log_proba", X)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -49,9 +49,10 @@ class SparseOTResult:
         ``dual_objective``; they are not the repaired problem's potentials.
     value : float or tensor
         ``<P, C> + (gamma/2) ||P||_F^2`` of the returned plan. For tensor input
-        it is differentiable: its gradient with respect to ``C`` is the plan
-        and with respect to ``a`` and ``b`` the potentials ``alpha`` and
-        ``beta`` (exact at convergence without repair).
+        it is differentiable: its gradient with respect to ``C`` is the plan,
+        with respect to ``a`` and ``b`` the potentials ``alpha`` and ``beta``
+        (exact at convergence without repair), and with respect to a
+        ``gamma`` tensor ``||P||_F^2 / 2`` (summed over a batch).
     cost : float or array
         ``<P, C>``.
     dual_objective : float or array
@@ -116,13 +117,15 @@ class _OptimalValue(torch.autograd.Function):
     """The optimal value with its envelope-theorem gradients.
 
     At an optimum the derivative of ``min_P <P, C> + Omega(P)`` with respect to
-    ``C`` is the plan itself, and with respect to the masses it is the
-    potentials, so no differentiation through the solver's iterations is needed.
+    ``C`` is the plan itself, with respect to the masses it is the
+    potentials, and with respect to ``gamma`` it is ``||P||_F^2 / 2``, so no
+    differentiation through the solver's iterations is needed.
     """
 
     @staticmethod
-    def forward(ctx, C, a, b, value, plan, alpha, beta):
+    def forward(ctx, C, a, b, gamma, value, plan, alpha, beta):
         ctx.save_for_backward(plan, alpha, beta)
+        ctx.gamma_like = gamma if isinstance(gamma, torch.Tensor) else None
         return value.clone()
 
     @staticmethod
@@ -130,7 +133,12 @@ class _OptimalValue(torch.autograd.Function):
         plan, alpha, beta = ctx.saved_tensors
         g = grad_output.view(-1, *([1] * (plan.dim() - grad_output.dim())))
         g_vec = grad_output.view(-1, *([1] * (alpha.dim() - grad_output.dim())))
-        return g * plan, g_vec * alpha, g_vec * beta, None, None, None, None
+        # gamma is shared by the batch: its gradient sums over the problems.
+        g_gamma = None
+        if ctx.gamma_like is not None:
+            g_gamma = ((g * plan.square()).sum() / 2).to(ctx.gamma_like)
+        return (g * plan, g_vec * alpha, g_vec * beta, g_gamma, None, None, None,
+                None)
 
 
 def _check_masses(name, mass, size, batch, dtype, device):
@@ -172,26 +180,41 @@ def _validate(a, b, C, max_nz, gamma, formulation, max_iter, tol, device,
         raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}.")
     if not np.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma must be a positive finite number, got {gamma!r}.")
-    if not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+    if (isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral)
+            or max_iter < 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
-    if not isinstance(tol, numbers.Real) or not tol > 0:
-        raise ValueError(f"tol must be a positive number, got {tol!r}.")
+    if (isinstance(tol, bool) or not isinstance(tol, numbers.Real)
+            or not 0 < tol < np.inf):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
 
     is_torch = isinstance(C, torch.Tensor)
+    if not is_torch:
+        for name, mass in (("a", a), ("b", b)):
+            if isinstance(mass, torch.Tensor) and mass.requires_grad:
+                raise TypeError(
+                    f"{name} requires grad but C is a NumPy array: pass C as a "
+                    "torch tensor to differentiate the optimal value.")
     if device is None:
         device = C.device if is_torch else torch.device("cpu")
     device = resolve_device(device)
     if is_torch:
         C_t = C.detach()
+        if C_t.is_complex():
+            raise TypeError(f"C must be real, got dtype {C_t.dtype}.")
+        # Floating input keeps its precision (the solve is in float64), half
+        # precision becomes float32: a plan in float16 would miss the
+        # marginals by about 1e-3 from its rounding alone.
         dtype = C_t.dtype if C_t.dtype in (torch.float32, torch.float64) else (
-            torch.float64)
+            torch.float32 if C_t.is_floating_point() else torch.float64)
         C_t = C_t.to(device=device, dtype=dtype)
     else:
         # Reversed or sliced views have strides torch cannot share.
         C_np = np.ascontiguousarray(C)
-        if not np.issubdtype(C_np.dtype, np.number):
-            raise TypeError(f"C must be a numeric array, got dtype {C_np.dtype}.")
-        dtype = torch.float32 if C_np.dtype == np.float32 else torch.float64
+        if (not np.issubdtype(C_np.dtype, np.number)
+                or np.issubdtype(C_np.dtype, np.complexfloating)):
+            raise TypeError(f"C must be a real numeric array, got dtype {C_np.dtype}.")
+        dtype = torch.float32 if C_np.dtype in (np.float32, np.float16) else (
+            torch.float64)
         C_t = torch.as_tensor(C_np, dtype=dtype, device=device)
     if C_t.dim() not in (2, 3):
         raise ValueError(
@@ -202,7 +225,7 @@ def _validate(a, b, C, max_nz, gamma, formulation, max_iter, tol, device,
     if not batched:
         C_t = C_t.unsqueeze(0)
     batch, n, m = C_t.shape
-    if n == 0 or m == 0:
+    if batch == 0 or n == 0 or m == 0:
         raise ValueError(f"C must be non-empty, got shape {tuple(C_t.shape)}.")
     if not bool(torch.isfinite(C_t).all()):
         raise ValueError("C contains NaN or infinite values.")
@@ -881,10 +904,12 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     a : array-like or tensor of shape (n,) or (B, n), or None
         Source masses (nonnegative); None or empty: uniform, ``1/n`` each.
     b : array-like or tensor of shape (m,) or (B, m), or None
-        Target masses (nonnegative, same total as ``a``); None or empty:
-        uniform, ``1/m`` each.
+        Target masses (nonnegative, same total as ``a`` up to ``1e-6``
+        relative, and rescaled to it); None or empty: uniform, ``1/m`` each.
     C : array-like or tensor of shape (n, m) or (B, n, m)
-        Cost matrix; a leading batch dimension solves ``B`` problems at once.
+        Cost matrix (real, any sign: a constant added to it changes the
+        potentials ``alpha`` and the objectives by that constant and no
+        plan); a leading batch dimension solves ``B`` problems at once.
     max_nz : int
         ``k``, the largest number of nonzeros per column, in ``[1, n]`` (a
         0-d integer array or tensor is read as its value).
@@ -949,7 +974,8 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         precision: float32 input is solved in float64 (a float32 dual
         resolves plan entries only to ``eps |C| / (gamma b_j)``: at
         ``n = 1000`` and ``gamma = 0.1 median(C)`` it missed the marginals
-        by 1e-2) and the results are returned in float32.
+        by 1e-2) and the results are returned in float32; float16 and
+        bfloat16 input is returned in float32 too, integer input in float64.
 
     Returns
     -------
@@ -1032,7 +1058,7 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     >>> bool(res.marginal_error < 1e-8)
     True
     """
-    C_in = C
+    C_in, gamma_in = C, gamma
     # gamma = 0.1 * C.median() is a 0-d tensor: read scalars as their value.
     max_nz, gamma = (
         x.item() if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 else x
@@ -1043,14 +1069,22 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     # cannot carry errors below its own resolution: the target is that.
     tol = max(tol, 100 * torch.finfo(C_t.dtype).eps)
     a64, b64, C64 = (x.to(torch.float64) for x in (a_t, b_t, C_t))
+    # Totals equal up to the validation's 1e-6 (masses normalized in float32,
+    # say) are made equal, as POT's emd does: with unequal totals the
+    # semi-dual has no maximum (its gradient keeps a constant part), and a
+    # difference of 1.5e-8 left plans 0.45 off the marginals at k = 1.
+    b64 = b64 * (a64.sum(dim=1) / b64.sum(dim=1)).unsqueeze(1)
     mass = _mass_scale(a64)
-    fields, _ = _solve_reduced(a64 / mass.unsqueeze(1), b64 / mass.unsqueeze(1),
-                               C64 / mass.view(-1, 1, 1), int(max_nz), float(gamma),
-                               formulation, max_iter, tol, repair)
+    C64 = C64 / mass.view(-1, 1, 1)
+    low = C64.amin(dim=(1, 2))
+    a64, b64 = a64 / mass.unsqueeze(1), b64 / mass.unsqueeze(1)
+    fields, _ = _solve_reduced(a64, b64, C64 - low.view(-1, 1, 1), int(max_nz),
+                               float(gamma), formulation, max_iter, tol, repair)
+    fields = _shifted(fields, low, a64)
     fields = {name: value.to(C_t.dtype) if value.is_floating_point() else value
               for name, value in _rescaled(fields, mass).items()}
-    return _package(fields, fields["primal_objective"], a, b, C_in, a_t, b_t, batched,
-                    is_torch)
+    return _package(fields, fields["primal_objective"], a, b, C_in, gamma_in, a_t, b_t,
+                    batched, is_torch)
 
 
 def _mass_scale(a):
@@ -1069,6 +1103,30 @@ def _mass_scale(a):
     batch still returns its looped solves. Returns ``(B,)``.
     """
     return 2.0 ** torch.round(torch.log2(a.sum(dim=1)))
+
+
+def _shifted(fields, low, a):
+    """The fields of the problem with costs ``C - low`` moved back to ``C``.
+
+    Each problem is solved with its smallest cost at zero: a constant added
+    to the costs changes no plan (the masses are fixed), only the potentials
+    (``alpha`` by the constant) and the objectives (by the constant times the
+    mass). The solver's tests, its gamma path and the repair's heuristics are
+    then free of the costs' level; before, a shift of the costs changed the
+    plans where k binds (``C + 5`` on a 30 x 20 problem: another plan, 2e-4
+    cheaper), and POT's network simplex, which the repair and ``k = 1`` call,
+    finds a problem whose costs are all negative infeasible and returned a
+    wrong plan (8 x 8, costs in [-5, -4], ``k = 1``: a gap of 3e-2 instead of
+    1e-15).
+    """
+    out = dict(fields)
+    out["alpha"] = fields["alpha"] + low.unsqueeze(1)
+    out["dual_objective"] = fields["dual_objective"] + low * a.sum(dim=1)
+    carried = low * fields["plan"].sum(dim=(1, 2))
+    out["cost"] = fields["cost"] + carried
+    out["primal_objective"] = fields["primal_objective"] + carried
+    out["duality_gap"] = out["primal_objective"] - out["dual_objective"]
+    return out
 
 
 def _rescaled(fields, mass):
@@ -1218,17 +1276,18 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
     return fields, primal
 
 
-def _package(fields, primal, a, b, C_in, a_t, b_t, batched, is_torch):
+def _package(fields, primal, a, b, C_in, gamma, a_t, b_t, batched, is_torch):
     value = primal
     plan, alpha, beta = fields["plan"], fields["alpha"], fields["beta"]
     if is_torch and torch.is_grad_enabled() and any(
-            isinstance(x, torch.Tensor) and x.requires_grad for x in (C_in, a, b)):
+            isinstance(x, torch.Tensor) and x.requires_grad
+            for x in (C_in, a, b, gamma)):
         C_g = C_in if C_in.dim() == 3 else C_in.unsqueeze(0)
         a_g = a if isinstance(a, torch.Tensor) else a_t
         b_g = b if isinstance(b, torch.Tensor) else b_t
         a_g = a_g.expand_as(a_t) if a_g.dim() == 1 else a_g
         b_g = b_g.expand_as(b_t) if b_g.dim() == 1 else b_g
-        value = _OptimalValue.apply(C_g, a_g, b_g, primal.to(C_in.device),
+        value = _OptimalValue.apply(C_g, a_g, b_g, gamma, primal.to(C_in.device),
                                     plan.to(C_in.device), alpha.to(C_in.device),
                                     beta.to(C_in.device))
 
