@@ -256,6 +256,80 @@ def test_set_params_on_a_fitted_net_reaches_the_trained_regularizer(iris):
     assert net.regularizers_[0][1].strength == 0.5
 
 
+def test_warm_start_refit_with_other_classes_raises_and_keeps_the_fitted_classes(
+        iris):
+    X, y = iris
+    net = _net(max_epochs=1, warm_start=True).fit(X, y)
+    with pytest.raises(ValueError, match="warm_start.*classes"):
+        net.fit(X[50:], y[50:])
+    assert list(net.classes_) == ["setosa", "versicolor", "virginica"]
+    assert net.module_.output.out_features == 3
+    # Naming every label keeps a warm refit on a subset aligned with the outputs,
+    # and partial_fit takes a subset of the known classes.
+    net.set_params(classes=net.classes_).fit(X[50:], y[50:])
+    net.partial_fit(X[:50], y[:50])
+    assert list(net.classes_) == ["setosa", "versicolor", "virginica"]
+
+
+def test_warm_start_refit_with_other_features_or_outputs_raises():
+    X, y = make_regression(n_samples=30, n_features=4, n_targets=2, random_state=0)
+    params = {"module__hidden_units": (4,), "max_epochs": 1, "warm_start": True,
+              "random_state": 0, "device": "cpu"}
+    net = RegularizedNetRegressor(**params).fit(X, y[:, 0])
+    with pytest.raises(ValueError, match="column.*warm_start"):
+        net.fit(X, y)
+    with pytest.raises(ValueError, match="3 features"):
+        net.fit(X[:, :3], y[:, 0])
+    assert net.n_outputs_ == 1 and net.n_features_in_ == 4
+    classifier = _net(max_epochs=1, warm_start=True).fit(X, y[:, 0] > 0)
+    with pytest.raises(ValueError, match="3 features"):
+        classifier.fit(X[:, :3], y[:, 0] > 0)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"bogus": 3}, "unexpected argument.*bogus"),
+    ({"optimizer_lr": 0.1}, "did you mean optimizer__lr"),
+])
+def test_unknown_constructor_arguments_raise_on_the_first_fit(iris, params, match):
+    X, y = iris
+    net = _net(max_epochs=1, **params)
+    with pytest.raises(ValueError, match=match):
+        net.fit(X, y)
+    assert not net.__sklearn_is_fitted__()
+
+
+def test_set_params_replaces_a_named_regularizer_and_round_trips_get_params(iris):
+    X, y = iris
+    net = _net(max_epochs=1, regularizers=[("a", SoftOrthogonality(0.1)),
+                                           GroupSparsity()])
+    net.set_params(**net.get_params(deep=True))
+    net.set_params(regularizers__a=GroupSparsity(0.5),
+                   regularizers__group_sparsity__strength=0.2)
+    assert net.get_params()["regularizers__a__strength"] == 0.5
+    assert isinstance(net.regularizers[0][1], GroupSparsity)
+    assert net.regularizers[1].strength == 0.2
+    # Replacing under a default name keeps that name.
+    net.set_params(regularizers__group_sparsity=SoftOrthogonality(0.3))
+    assert net.get_params()["regularizers__group_sparsity__strength"] == 0.3
+    with pytest.raises(TypeError, match="regularizers__a"):
+        net.set_params(regularizers__a=3)
+    # On a fitted net the training uses the new regularizer.
+    net.fit(X, y).set_params(regularizers__a=SoftOrthogonality(0.7))
+    assert isinstance(net.regularizers_[0][1], SoftOrthogonality)
+    assert net.regularizers_[0][1].strength == 0.7
+
+
+def test_grid_search_swaps_whole_regularizer_objects(iris):
+    X, y = iris
+    net = _net(max_epochs=1, regularizers=[("a", SoftOrthogonality(0.1))])
+    candidates = [SoftOrthogonality(0.1), GroupSparsity(0.1)]
+    search = GridSearchCV(net, {"regularizers__a": candidates}, cv=2).fit(X, y)
+    tried = [type(p["regularizers__a"]) for p in search.cv_results_["params"]]
+    assert tried == [SoftOrthogonality, GroupSparsity]
+    fitted = search.best_estimator_.regularizers_[0][1]
+    assert type(fitted) is type(search.best_params_["regularizers__a"])
+
+
 def test_module_params_set_on_a_fitted_auto_device_net_rebuild_the_module(iris):
     X, y = iris
     net = _net(device="auto").fit(X, y)
@@ -428,6 +502,8 @@ def test_noisy_labels_flip_about_the_rate_and_never_keep_the_class():
          ValueError, "nope"),
         ({"device": "tpu"}, None, None, ValueError, "device"),
         ({"lr": -1.0}, None, None, ValueError, "lr"),
+        ({"module__hidden_units": 16}, None, None, TypeError, "hidden_units"),
+        ({"module__dropout": -0.5}, None, None, ValueError, "dropout"),
     ],
 )
 def test_bad_input_raises_a_clear_error_before_training(params, X, y, error, match):
@@ -435,3 +511,34 @@ def test_bad_input_raises_a_clear_error_before_training(params, X, y, error, mat
         X, y = [[0.0, 1.0], [1.0, 0.0]], [0, 1]
     with pytest.raises(error, match=match):
         _net(max_epochs=1, **params).fit(X, y)
+
+
+def test_elr_on_a_regressor_raises_naming_the_regularizer():
+    net = RegularizedNetRegressor(max_epochs=1, device="cpu",
+                                  regularizers=[EarlyLearningRegularization()])
+    with pytest.raises(ValueError, match="EarlyLearningRegularization.*Regressor"):
+        net.fit([[0.0, 1.0], [1.0, 0.0]], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("regularizer, hidden_units", [
+    (ConvOrthogonality(1.0), (4,)),
+    (SoftOrthogonality(1.0), ()),
+    (GroupSparsity(1.0), ()),
+])
+def test_a_regularizer_with_no_layer_to_act_on_warns(iris, regularizer,
+                                                     hidden_units):
+    X, y = iris
+    net = _net(max_epochs=1, module__hidden_units=hidden_units,
+               regularizers=[regularizer])
+    with pytest.warns(UserWarning, match=type(regularizer).__name__):
+        net.fit(X, y)
+
+
+@pytest.mark.parametrize("tol", [-1.0, float("nan")])
+def test_group_sparsity_and_prune_reject_a_negative_or_nan_tol(iris, tol):
+    X, y = iris
+    net = _net(max_epochs=1).fit(X, y)
+    with pytest.raises(ValueError, match="tol"):
+        net.group_sparsity(tol=tol)
+    with pytest.raises(ValueError, match="tol"):
+        net.module_.prune(tol=tol)

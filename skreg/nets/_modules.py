@@ -6,6 +6,7 @@ only sizes a user tunes.
 """
 
 import math
+from numbers import Integral, Real
 
 import torch
 from torch import nn
@@ -13,6 +14,28 @@ from torch import nn
 __all__ = ["MLP", "SmallCNN"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def _check_tol(tol):
+    """``tol`` of :meth:`MLP.prune` and ``group_sparsity``: a number >= 0."""
+    if (isinstance(tol, bool) or not isinstance(tol, Real) or math.isnan(tol)
+            or tol < 0):
+        raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
+
+
+def _hidden_widths(hidden_units):
+    """``hidden_units`` as a tuple of ints (a bare int is the usual slip)."""
+    try:
+        widths = tuple(hidden_units)
+    except TypeError:
+        widths = None
+    if (widths is None or isinstance(hidden_units, str)
+            or not all(isinstance(h, Integral) for h in widths)):
+        raise TypeError(
+            "hidden_units must be a tuple of ints, one width per hidden layer "
+            f"(e.g. (16,) rather than 16), got {hidden_units!r}."
+        )
+    return widths
 
 
 def _activation(name):
@@ -37,7 +60,7 @@ class MLP(nn.Module):
         Width of each hidden layer; ``()`` gives a linear model.
     activation : {"relu", "tanh", "gelu"}, default="relu"
         Non-linearity after each hidden layer.
-    dropout : float, default=0.0
+    dropout : float in [0, 1), default=0.0
         Dropout probability after each hidden activation.
 
     Examples
@@ -51,7 +74,12 @@ class MLP(nn.Module):
     def __init__(self, n_features, n_outputs, hidden_units=(100,),
                  activation="relu", dropout=0.0):
         super().__init__()
-        widths = [int(n_features), *(int(h) for h in hidden_units)]
+        if (isinstance(dropout, bool) or not isinstance(dropout, Real)
+                or not 0 <= dropout < 1):
+            raise ValueError(
+                f"dropout must be a probability in [0, 1), got {dropout!r}."
+            )
+        widths = [int(n_features), *(int(h) for h in _hidden_widths(hidden_units))]
         if any(w < 1 for w in widths) or int(n_outputs) < 1:
             raise ValueError(
                 "n_features, n_outputs and every entry of hidden_units must be "
@@ -81,11 +109,18 @@ class MLP(nn.Module):
         activation maps 0 to 0 (relu, tanh, gelu do); at least one unit is kept
         per layer.
 
+        Parameters
+        ----------
+        tol : float, default=0.0
+            Entries at most ``tol`` in absolute value count as zero; a
+            non-negative number.
+
         Returns
         -------
         MLP
             A new module on the same device; this one is left unchanged.
         """
+        _check_tol(tol)
         layers = [m for m in self.hidden if isinstance(m, nn.Linear)]
         keeps = []
         for layer in layers:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from skreg._device import resolve_device
 
-from ._modules import MLP
+from ._modules import MLP, _check_tol
 from ._regularizers import Regularizer
 
 __all__ = ["RegularizedNetClassifier", "RegularizedNetRegressor"]
@@ -114,6 +114,9 @@ def _named_regularizers(regularizers):
     return named
 
 
+# The components skorch registers as parameter prefixes when it initializes a net.
+_COMPONENTS = {"module", "criterion", "optimizer"}
+
 _COMMON_CONSTRAINTS = {
     "module": [type, HasMethods(["forward"]), callable],
     "criterion": [type, HasMethods(["forward"]), callable],
@@ -155,17 +158,23 @@ class _RegularizedNetMixin:
             self.__dict__["device"] = requested
 
     def _validate_params(self):
-        # skorch's own check of the ``prefix__name`` arguments needs the module,
-        # criterion and optimizer registered, i.e. an initialized net;
-        # initialize() runs it.
-        if self.initialized_:
+        # skorch's own check of the ``prefix__name`` arguments (unknown names,
+        # ``optimizer_lr`` for ``optimizer__lr``) needs the module, criterion and
+        # optimizer registered as prefixes. They are at the end of initialize(),
+        # where skorch calls this method, so the first fit checks there; before
+        # it, ``module__hidden_units`` would look unknown.
+        if self.initialized_ or _COMPONENTS <= set(self.prefixes_):
             super()._validate_params()
         validate_parameter_constraints(
             self._parameter_constraints, self.get_params(deep=False),
             caller_name=type(self).__name__,
         )
-        for _, regularizer in _named_regularizers(self.regularizers):
+        for name, regularizer in _named_regularizers(self.regularizers):
             regularizer.validate()
+            self._check_regularizer(name, regularizer)
+
+    def _check_regularizer(self, name, regularizer):
+        """Raise if ``regularizer`` cannot apply to this kind of net."""
 
     def get_params(self, deep=True, **kwargs):
         params = super().get_params(deep=deep, **kwargs)
@@ -201,18 +210,46 @@ class _RegularizedNetMixin:
         return self
 
     def _set_regularizer_params(self, routed):
-        named = dict(_named_regularizers(self.regularizers))
-        fitted = dict(getattr(self, "regularizers_", []))
-        for key, value in routed.items():
+        # Whole regularizers first (``regularizers__<name>``, as a Pipeline step
+        # is replaced), then their parameters, so set_params(**get_params())
+        # round-trips.
+        keys = sorted(routed, key=lambda key: key.count("__"))
+        for key in keys:
+            named = dict(_named_regularizers(self.regularizers))
             name, _, param = key[len("regularizers__"):].partition("__")
-            if name not in named or not param:
+            if name not in named:
                 raise ValueError(
                     f"Invalid parameter {key!r}: regularizers are named "
-                    f"{sorted(named)}; use regularizers__<name>__<param>."
+                    f"{sorted(named)}; use regularizers__<name> or "
+                    "regularizers__<name>__<param>."
                 )
-            named[name].set_params(**{param: value})
-            if name in fitted:
-                fitted[name].set_params(**{param: value})
+            if param:
+                named[name].set_params(**{param: routed[key]})
+                fitted = dict(getattr(self, "regularizers_", []))
+                if name in fitted:
+                    fitted[name].set_params(**{param: routed[key]})
+            else:
+                self._replace_regularizer(name, routed[key])
+
+    def _replace_regularizer(self, name, regularizer):
+        """Put ``regularizer`` in the place of the one named ``name``, keeping the
+        name (and, on a fitted net, swapping a fresh copy into the training)."""
+        if not isinstance(regularizer, Regularizer):
+            raise TypeError(
+                f"regularizers__{name} must be a Regularizer (e.g. "
+                f"SoftOrthogonality(...)), got {regularizer!r}."
+            )
+        entries = list(self.regularizers)
+        for i, (entry_name, _) in enumerate(_named_regularizers(entries)):
+            if entry_name == name:
+                keeps_name = (not isinstance(entries[i], tuple)
+                              and getattr(regularizer, "default_name", None) == name)
+                entries[i] = regularizer if keeps_name else (name, regularizer)
+        self.regularizers = type(self.regularizers)(entries)
+        if hasattr(self, "regularizers_"):
+            self.regularizers_ = [
+                (entry_name, clone(regularizer) if entry_name == name else fitted)
+                for entry_name, fitted in self.regularizers_]
 
     def __sklearn_is_fitted__(self):
         return bool(self.initialized_) and hasattr(self, "n_features_in_")
@@ -388,7 +425,9 @@ class _RegularizedNetMixin:
                 f"{type(self).__name__} requires y to be passed, but the target y "
                 "is None."
             )
-        X, y = self._validate_fit_data(X, y, reset, classes)
+        # A warm refit keeps the module, so its inputs and outputs must not change.
+        warm = reset and self.warm_start and self.__sklearn_is_fitted__()
+        X, y = self._validate_fit_data(X, y, reset and not warm, classes, warm=warm)
         X = np.require(X, dtype=np.float32, requirements=["C", "W"])
         rng = check_random_state(self.random_state)
         return self._train(X, y, rng, routing_method, fit_params)
@@ -406,6 +445,12 @@ class _RegularizedNetMixin:
         layers are those of the fitted :class:`GroupSparsity` regularizers, or
         every hidden layer when there is none.
 
+        Parameters
+        ----------
+        tol : float, default=0.0
+            Entries at most ``tol`` in absolute value count as zero; a
+            non-negative number.
+
         Returns
         -------
         dict
@@ -414,6 +459,8 @@ class _RegularizedNetMixin:
         """
         check_is_fitted(self)
         from ._regularizers import GroupSparsity, _select_layers
+
+        _check_tol(tol)
 
         layers = {}
         for _, regularizer in self.regularizers_:
@@ -451,8 +498,10 @@ _SHARED_DOC = """
     regularizers : list of Regularizer or of (name, Regularizer), default=None
         E.g. ``[SoftOrthogonality(1e-2), EarlyLearningRegularization()]``. Their
         parameters are ``regularizers__<name>__<param>`` (the name defaults to
-        the class's ``default_name``, e.g. ``soft_orthogonality``, ``elr``), so
-        ``GridSearchCV`` can tune them.
+        the class's ``default_name``, e.g. ``soft_orthogonality``, ``elr``), and
+        ``regularizers__<name>`` replaces a whole regularizer (keeping its name),
+        so ``GridSearchCV`` can tune them. A regularizer that finds no layer to
+        act on warns and adds 0.
     train_split : callable, default=None
         skorch's internal validation split; ``None`` trains on all the data
         (tune with scikit-learn's cross-validation instead).
@@ -462,7 +511,8 @@ _SHARED_DOC = """
         is the softmax for ``CrossEntropyLoss`` and the identity otherwise.
     warm_start : bool, default=False
         When True, ``fit`` continues from the current weights instead of
-        re-initializing the module.
+        re-initializing the module; it then raises a ``ValueError`` if the
+        number of features, the classes or the number of outputs changed.
     random_state : int, RandomState instance or None, default=None
         Seeds torch (weights, shuffling, dropout) for each fit, without touching
         torch's global random state, so a refit is identical.
@@ -544,16 +594,23 @@ class RegularizedNetClassifier(_RegularizedNetMixin, NeuralNetClassifier):
     def _n_outputs(self):
         return len(self.classes_)
 
-    def _encode(self, y, reset, classes=None):
-        y = _check_y(y) if reset else y
+    def _encode(self, y, reset, classes=None, warm=False):
+        y = _check_y(y) if reset or warm else y
         check_classification_targets(y)
-        if reset:
+        if reset or warm:
             labels = self.classes if self.classes is not None else classes
             encoder = LabelEncoder().fit(y if labels is None else labels)
             if len(encoder.classes_) < 2:
                 raise ValueError(
                     f"{type(self).__name__} needs at least two classes in y, got "
                     f"one class: {encoder.classes_[0]!r}."
+                )
+            if warm and not np.array_equal(encoder.classes_, self.classes_):
+                raise ValueError(
+                    "warm_start=True keeps the module, whose outputs are the "
+                    f"classes {self.classes_.tolist()} of the previous fit, but y "
+                    f"has the classes {encoder.classes_.tolist()}; pass "
+                    "classes=<all labels>, or refit with warm_start=False."
                 )
             self.classes_inferred_ = encoder.classes_
         unseen = np.setdiff1d(np.unique(y), self.classes_)
@@ -573,9 +630,9 @@ class RegularizedNetClassifier(_RegularizedNetMixin, NeuralNetClassifier):
                 f"{type(self).__name__} has no classes_ before fit."
             ) from exc
 
-    def _validate_fit_data(self, X, y, reset, classes):
+    def _validate_fit_data(self, X, y, reset, classes, warm=False):
         X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32])
-        return X, self._encode(y, reset=reset, classes=classes)
+        return X, self._encode(y, reset=reset, classes=classes, warm=warm)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, **fit_params):
@@ -675,9 +732,11 @@ class RegularizedNetRegressor(_RegularizedNetMixin, NeuralNetRegressor):
     Notes
     -----
     Each regularizer's penalty is added to the mini-batch loss; proximal ones
-    (:class:`GroupSparsity`) act after each optimizer step. Scale ``X`` and ``y``
-    (e.g. with ``StandardScaler`` and ``TransformedTargetRegressor``): the
-    default learning rate assumes unit-scale data.
+    (:class:`GroupSparsity`) act after each optimizer step.
+    :class:`EarlyLearningRegularization` needs class scores and is rejected
+    here. Scale ``X`` and ``y`` (e.g. with ``StandardScaler`` and
+    ``TransformedTargetRegressor``): the default learning rate assumes
+    unit-scale data.
 
     Examples
     --------
@@ -712,20 +771,31 @@ class RegularizedNetRegressor(_RegularizedNetMixin, NeuralNetRegressor):
     def _n_outputs(self):
         return self.n_outputs_
 
-    def _validate_fit_data(self, X, y, reset, classes):
+    def _validate_fit_data(self, X, y, reset, classes, warm=False):
         X, y = validate_data(self, X, y, reset=reset, multi_output=True,
                              y_numeric=True, dtype=[np.float64, np.float32])
         y = np.asarray(y, dtype=np.float32)
         n_outputs = 1 if y.ndim == 1 else y.shape[1]
         if reset:
             self.n_outputs_ = n_outputs
-            self.target_ndim_ = y.ndim
         elif n_outputs != self.n_outputs_:
+            hint = (" warm_start=True keeps the module and its outputs; refit with "
+                    "warm_start=False to change them." if warm else "")
             raise ValueError(
                 f"y has {n_outputs} column(s) but {type(self).__name__} was fitted "
-                f"with {self.n_outputs_}."
+                f"with {self.n_outputs_}.{hint}"
             )
+        if reset or warm:
+            self.target_ndim_ = y.ndim
         return X, y.reshape(-1, n_outputs)
+
+    def _check_regularizer(self, name, regularizer):
+        if regularizer.needs_class_scores:
+            raise ValueError(
+                f"regularizers: {name!r} ({type(regularizer).__name__}) reads the "
+                "module's outputs as class scores and does not apply to "
+                f"{type(self).__name__}; use RegularizedNetClassifier."
+            )
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, **fit_params):

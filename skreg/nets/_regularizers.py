@@ -8,6 +8,7 @@ are reachable from the net as ``regularizers__<name>__<param>``, so
 ``GridSearchCV`` and ``clone`` see them.
 """
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -96,6 +97,9 @@ class Regularizer(BaseEstimator):
 
     #: Whether :meth:`penalty` needs each sample's position in the training set.
     needs_sample_index = False
+    #: Whether :meth:`penalty` reads ``y_pred`` as class scores (logits), which
+    #: only a classifier's module outputs.
+    needs_class_scores = False
 
     def prepare(self, module, *, n_samples, n_outputs, device, generator):
         """Allocate or move state before training on ``n_samples`` samples."""
@@ -110,6 +114,14 @@ class Regularizer(BaseEstimator):
     def validate(self):
         """Check the parameters against ``_parameter_constraints``."""
         self._validate_params()
+
+    def _warn_if_no_layers(self, kinds):
+        if not self.layers_:
+            warnings.warn(
+                f"{type(self).__name__} found no {kinds} layer to act on "
+                f"(layers={self.layers!r}), so its penalty is 0.",
+                UserWarning, stacklevel=2,
+            )
 
     def _cached(self, module, select):
         """``select(module)``, recomputed only when the module or ``layers``
@@ -180,6 +192,7 @@ class SoftOrthogonality(Regularizer):
     def prepare(self, module, *, n_samples, n_outputs, device, generator):
         self.layers_ = [name for name, _ in
                         _select_layers(module, (nn.Linear,), self.layers)]
+        self._warn_if_no_layers("nn.Linear")
         if self.kind != "spectral":
             return
         vectors = getattr(self, "vectors_", {})
@@ -277,6 +290,7 @@ class ConvOrthogonality(Regularizer):
 
     def prepare(self, module, *, n_samples, n_outputs, device, generator):
         self.layers_ = [name for name, _ in self._convolutions(module)]
+        self._warn_if_no_layers("nn.Conv2d")
 
     def penalty(self, module, *, y_pred, sample_index):
         terms = [conv_orthogonality_penalty(conv.weight, conv.stride[0])
@@ -303,9 +317,14 @@ class EarlyLearningRegularization(Regularizer):
     model towards them and away from memorizing wrong labels (Liu, Niles-Weed,
     Razavian and Fernandez-Granda, NeurIPS 2020). The defaults are the paper's
     for CIFAR-10 with symmetric noise. The module must output logits (the
-    classifier's default criterion, ``CrossEntropyLoss``, expects them).
+    classifier's default criterion, ``CrossEntropyLoss``, expects them), so
+    :class:`RegularizedNetRegressor` rejects this regularizer.
     Each sample's position is carried alongside ``X`` during training; the
-    module never sees it.
+    module never sees it. The targets are indexed by that position: a warm-start
+    ``fit`` or a ``partial_fit`` on as many samples as before continues the
+    running averages, row ``i`` from row ``i``, which is right for more epochs
+    on the same rows in the same order and wrong for a different chunk of data
+    of the same size; a different number of samples starts them from zero.
 
     Examples
     --------
@@ -316,6 +335,7 @@ class EarlyLearningRegularization(Regularizer):
 
     default_name = "elr"
     needs_sample_index = True
+    needs_class_scores = True
 
     _parameter_constraints = {
         "strength": [Interval(Real, 0, None, closed="left")],
@@ -389,6 +409,7 @@ class GroupSparsity(Regularizer):
 
     def prepare(self, module, *, n_samples, n_outputs, device, generator):
         self.layers_ = [name for name, _ in self._groups(module)]
+        self._warn_if_no_layers("nn.Linear or nn.Conv2d")
         self.__dict__.pop("_next_value", None)
 
     def penalty(self, module, *, y_pred, sample_index):
