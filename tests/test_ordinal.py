@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 from scipy.special import expit
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -188,6 +189,47 @@ def test_string_labels_give_the_same_fit_as_integer_labels():
     assert np.array_equal(strings.predict(X), names[ints.predict(X)])
 
 
+_LABELS = np.array(["low", "mid", "high", "top"])  # not in alphabetical order
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ProportionalOddsClassifier(device="cpu"),
+    lambda: PrestoClassifier(alpha=0.01, tol=1e-9, device="cpu"),
+    lambda: PrestoClassifierCV(alphas=3, cv=3, tol=1e-9, device="cpu"),
+])
+@pytest.mark.parametrize("as_series", [True, False])
+def test_ordered_categorical_target_fits_in_its_category_order(make, as_series):
+    pd = pytest.importorskip("pandas")
+    X, y, _ = make_rare_ordinal(n_samples=200, n_features=3, intercepts=(0, 1.5, 3),
+                                random_state=19)
+    y_cat = pd.Categorical(_LABELS[y], categories=_LABELS, ordered=True)
+    fitted = make().fit(X, pd.Series(y_cat) if as_series else y_cat)
+    explicit = make().set_params(categories=_LABELS).fit(X, _LABELS[y])
+    assert list(fitted.classes_) == list(_LABELS)
+    np.testing.assert_allclose(fitted.coef_, explicit.coef_, atol=1e-8)
+    np.testing.assert_allclose(fitted.intercept_, explicit.intercept_, atol=1e-8)
+    assert np.array_equal(fitted.predict(X), explicit.predict(X))
+
+
+def test_unused_categories_of_an_ordered_target_are_dropped():
+    pd = pytest.importorskip("pandas")
+    X, y, _ = make_rare_ordinal(n_samples=200, n_features=3, intercepts=(0, 1.5, 3),
+                                random_state=19)
+    order = ["low", "mid", "unused", "high", "top"]
+    y_cat = pd.Series(pd.Categorical(_LABELS[y], categories=order, ordered=True))
+    clf = ProportionalOddsClassifier(device="cpu").fit(X, y_cat)
+    assert list(clf.classes_) == list(_LABELS)
+
+
+def test_unordered_categorical_target_keeps_the_sorted_label_order():
+    pd = pytest.importorskip("pandas")
+    X, y, _ = make_rare_ordinal(n_samples=200, n_features=3, intercepts=(0, 1.5, 3),
+                                random_state=19)
+    y_cat = pd.Series(pd.Categorical(_LABELS[y], categories=_LABELS))
+    clf = ProportionalOddsClassifier(device="cpu").fit(X, y_cat)
+    assert list(clf.classes_) == sorted(_LABELS)
+
+
 @pytest.mark.parametrize("make", [
     lambda: ProportionalOddsClassifier(device="cpu"),
     lambda: PrestoClassifier(alpha=0.01, penalize_first=False, tol=1e-9,
@@ -215,12 +257,124 @@ def test_integer_sample_weights_equal_repeated_rows():
     np.testing.assert_allclose(weighted.intercept_, repeated.intercept_, atol=1e-6)
 
 
+def test_zero_weight_row_where_warm_start_curves_cross_is_ignored():
+    X, y, _, _ = _proportional_odds_data(150, seed=1)
+    first = PrestoClassifier(alpha=0.0, device="cpu").fit(X, y)
+    # far along this direction the curves of thresholds 0 and 1 cross; a class-1
+    # row there lies outside the likelihood's domain at the warm start
+    direction = first.coef_[0] - first.coef_[1]
+    x_far = 50 * direction / np.linalg.norm(direction)
+    eta = first.intercept_ + first.coef_ @ x_far
+    assert eta[1] < eta[0]
+    X_all, y_all = np.vstack([X, x_far]), np.r_[y, 1]
+    weights = np.r_[np.ones(len(y)), 0.0]
+    warm = PrestoClassifier(alpha=0.0, warm_start=True, max_iter=2000, tol=1e-9,
+                            device="cpu").fit(X_all, y_all, sample_weight=weights)
+    warm.set_params(alpha=0.01).fit(X_all, y_all, sample_weight=weights)
+    dropped = PrestoClassifier(alpha=0.01, tol=1e-9, device="cpu").fit(X, y)
+    np.testing.assert_allclose(warm.coef_, dropped.coef_, atol=1e-6)
+    np.testing.assert_allclose(warm.intercept_, dropped.intercept_, atol=1e-6)
+
+
+def test_cv_with_zero_weights_equals_the_cv_without_those_rows():
+    X, y, _, _ = _proportional_odds_data(150, seed=1)
+    weights = (np.random.RandomState(0).uniform(size=150) < 0.6).astype(float)
+    keep = np.flatnonzero(weights > 0)
+    position = np.full(150, -1)
+    position[keep] = np.arange(keep.size)
+    test_folds = [np.flatnonzero(np.arange(150) % 3 == k) for k in range(3)]
+    folds = [(np.setdiff1d(np.arange(150), test), test) for test in test_folds]
+    folds_kept = [(position[train[weights[train] > 0]],
+                   position[test[weights[test] > 0]]) for train, test in folds]
+    params = {"alphas": [0.1, 0.01, 0.001], "tol": 1e-9, "max_iter": 1000,
+              "device": "cpu"}
+    weighted = PrestoClassifierCV(cv=folds, **params).fit(X, y, sample_weight=weights)
+    dropped = PrestoClassifierCV(cv=folds_kept, **params).fit(X[keep], y[keep])
+    np.testing.assert_allclose(weighted.cv_results_["mean_test_loss"],
+                               dropped.cv_results_["mean_test_loss"], rtol=1e-6)
+    assert weighted.alpha_ == dropped.alpha_
+    np.testing.assert_allclose(weighted.coef_, dropped.coef_, atol=1e-6)
+
+
+def test_a_fit_with_non_finite_coefficients_raises_instead_of_storing_them(
+        monkeypatch):
+    import skreg.ordinal._presto as presto
+
+    solve = presto.fit_presto
+
+    def nan_solver(*args, **kwargs):
+        intercept, psi, result = solve(*args, **kwargs)
+        return intercept, psi * np.nan, result
+
+    monkeypatch.setattr(presto, "fit_presto", nan_solver)
+    with pytest.raises(ValueError, match="non-finite coefficients"):
+        PrestoClassifier(device="cpu").fit(_X_OK, _Y_OK)
+    with pytest.raises(ValueError, match="every penalty in alphas gave a non-finite"):
+        PrestoClassifierCV(alphas=3, cv=2, device="cpu").fit(_X_OK, _Y_OK)
+
+
+def test_cv_raises_when_a_test_fold_has_no_positive_weight():
+    weights = np.r_[np.zeros(10), np.ones(30)]
+    with pytest.raises(ValueError, match="fold 0 has no test sample with positive"):
+        PrestoClassifierCV(cv=[(np.arange(10, 40), np.arange(10))], alphas=3,
+                           device="cpu").fit(_X_OK, _Y_OK, sample_weight=weights)
+
+
 def test_warm_start_reaches_the_same_solution():
     X, y, _ = make_rare_ordinal(n_samples=300, n_features=3, random_state=13)
     cold = PrestoClassifier(alpha=0.002, tol=1e-9, device="cpu").fit(X, y)
     warm = PrestoClassifier(alpha=0.02, tol=1e-9, warm_start=True, device="cpu")
     warm.fit(X, y).set_params(alpha=0.002).fit(X, y)
     np.testing.assert_allclose(warm.coef_, cold.coef_, atol=1e-6)
+
+
+_UNPENALIZED = [
+    lambda: ProportionalOddsClassifier(device="cpu"),
+    lambda: PrestoClassifier(alpha=0.0, device="cpu"),
+    lambda: PrestoClassifier(alpha=0.01, penalize_first=False, device="cpu"),
+]
+
+
+@pytest.mark.parametrize("make", _UNPENALIZED)
+def test_separable_data_warn_that_the_mle_does_not_exist(make):
+    X = np.random.default_rng(1).normal(size=(100, 2))
+    y = np.digitize(X[:, 0], [-0.5, 0.5])
+    with pytest.warns(ConvergenceWarning, match="separable"):
+        make().fit(X, y)
+
+
+@pytest.mark.parametrize("heavy_tails", [False, True])
+@pytest.mark.parametrize("make", _UNPENALIZED)
+def test_non_separable_data_fit_without_a_separation_warning(make, heavy_tails):
+    rng = np.random.default_rng(3)
+    # Student t(2) features put a few rows so far out that they are fitted with
+    # certainty at a finite optimum: certainty alone does not mean separation
+    X = rng.standard_t(2, size=(300, 3)) if heavy_tails else rng.normal(
+        size=(300, 3))
+    latent = X @ [1.0, -0.5, 0.3] + rng.logistic(size=300)
+    y = np.digitize(latent, np.quantile(latent, [0.3, 0.6, 0.9]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf = make().fit(X, y)
+    if heavy_tails:
+        assert np.abs(clf.intercept_ + X @ np.atleast_2d(clf.coef_).T).max() > 30
+
+
+@pytest.mark.parametrize("make", _UNPENALIZED[:2])
+def test_log_probabilities_stay_finite_where_probabilities_underflow(make):
+    X, y, _, _ = _proportional_odds_data(200, seed=3)
+    clf = make().fit(X, y)
+    X_far = 60 * np.random.RandomState(1).uniform(-1, 1, size=(200, 3))
+    log_proba = clf.predict_log_proba(X_far)
+    assert np.all(np.isfinite(log_proba))
+    eta = np.sort(clf.intercept_ + X_far @ np.atleast_2d(clf.coef_).T, axis=1)
+    # the edge classes in closed form: log sigmoid(eta_0), log sigmoid(-eta_last)
+    np.testing.assert_allclose(log_proba[:, 0], -np.logaddexp(0, -eta[:, 0]),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(log_proba[:, -1], -np.logaddexp(0, eta[:, -1]),
+                               rtol=1e-10, atol=1e-12)
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(clf.predict_log_proba(X), np.log(proba), rtol=1e-8)
 
 
 def test_float32_input_gives_float32_probabilities():
@@ -292,6 +446,10 @@ _Y_OK = np.arange(40) % 3
      "Negative values in data passed to `sample_weight`"),
     (_X_OK, _Y_OK, {}, {"sample_weight": np.where(_Y_OK == 2, 0.0, 1.0)},
      ValueError, "class .* has no training sample with positive weight"),
+    (_X_OK, np.array(["a", 1, "b", 2] * 10, dtype=object), {}, {}, TypeError,
+     "y must hold labels of one comparable type"),
+    (_X_OK, np.array(["a", "b", None, "c"] * 10, dtype=object), {}, {}, ValueError,
+     "y contains None"),
     (_X_OK, _Y_OK, {"device": "tpu"}, {}, ValueError, "device"),
     (_X_OK, _Y_OK, {"tol": -1.0}, {}, ValueError, "tol"),
 ])

@@ -11,7 +11,37 @@ from sklearn.utils.validation import (
 )
 
 from skreg._device import resolve_device, to_numpy, to_tensor
-from skreg.ordinal._solver import class_probabilities
+from skreg.ordinal._solver import class_log_probabilities, class_probabilities
+
+
+def ordered_categorical_order(y):
+    """The observed categories of an ordered pandas Categorical ``y``, in order.
+
+    ``None`` for anything else (an unordered Categorical included). Categories
+    that do not occur in ``y`` are dropped, as labels absent from ``y`` are.
+    """
+    dtype = getattr(y, "dtype", None)
+    if getattr(dtype, "ordered", None) is not True or not hasattr(dtype,
+                                                                  "categories"):
+        return None
+    codes = np.asarray(getattr(y, "cat", y).codes)
+    return np.asarray(dtype.categories)[np.unique(codes[codes >= 0])]
+
+
+def _check_label_types(y):
+    """Reject missing labels and labels of mixed types in an object ``y``."""
+    if y.dtype != object:
+        return
+    if any(label is None for label in y):
+        raise ValueError("y contains None; every sample needs a class label.")
+    try:
+        np.unique(y)
+    except TypeError as exc:
+        kinds = sorted({type(label).__name__ for label in y})
+        raise TypeError(
+            "y must hold labels of one comparable type (all strings or all "
+            f"numbers), got a mix of {kinds}."
+        ) from exc
 
 
 def encode_ordered_labels(y, categories):
@@ -19,8 +49,9 @@ def encode_ordered_labels(y, categories):
 
     Without ``categories`` the order is the sort order of the labels.
     """
-    check_classification_targets(y)
     y = np.asarray(y)
+    _check_label_types(y)
+    check_classification_targets(y)
     if categories is None:
         classes, codes = np.unique(y, return_inverse=True)
     else:
@@ -124,8 +155,7 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
         eta, dtype = self._cumulative_logits(X)
         if len(self.classes_) == 2:
             return to_numpy(-eta[:, 0]).astype(dtype, copy=False)
-        proba, _ = class_probabilities(eta)
-        return to_numpy(torch.log(proba)).astype(dtype, copy=False)
+        return to_numpy(class_log_probabilities(eta)).astype(dtype, copy=False)
 
     def predict_proba(self, X):
         """Class probabilities, in the order of ``classes_``.
@@ -143,13 +173,24 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
         ndarray of shape (n_samples, n_classes)
         """
         eta, dtype = self._cumulative_logits(X)
-        proba, _ = class_probabilities(eta)
-        return to_numpy(proba).astype(dtype, copy=False)
+        return to_numpy(class_probabilities(eta)).astype(dtype, copy=False)
 
     def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`."""
-        with np.errstate(divide="ignore"):
-            return np.log(self.predict_proba(X))
+        """Logarithm of :meth:`predict_proba`.
+
+        Computed from the cumulative logits directly, so it stays finite where
+        the probabilities underflow to 0 far from the training data.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        eta, dtype = self._cumulative_logits(X)
+        return to_numpy(class_log_probabilities(eta)).astype(dtype, copy=False)
 
     def predict(self, X):
         """Most probable class of each row.
@@ -186,8 +227,12 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
 
     def _prepare_fit(self, X, y, sample_weight):
         device = resolve_device(self.device)
+        categories = self.categories
+        if categories is None:
+            # an ordered pandas Categorical carries the order of its classes
+            categories = ordered_categorical_order(y)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        self.classes_, codes = encode_ordered_labels(y, self.categories)
+        self.classes_, codes = encode_ordered_labels(y, categories)
         weights = check_ordinal_weights(sample_weight, X, codes, self.classes_)
         return X, codes, weights, device
 
@@ -198,6 +243,17 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
         # directions; unordered blobs in the plane are outside its model class
         tags.classifier_tags.poor_score = True
         return tags
+
+
+def check_finite_fit(coef, intercept, alpha=None):
+    """Raise instead of storing a fit whose coefficients are not all finite."""
+    if np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept)):
+        return
+    at = "" if alpha is None else f" at alpha={alpha:.4g}"
+    raise ValueError(
+        f"The fit{at} produced non-finite coefficients; check the scale of X and "
+        "of sample_weight, or use a larger alpha."
+    )
 
 
 def solver_tolerance(tol, dtype):

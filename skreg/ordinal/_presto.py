@@ -11,7 +11,12 @@ from sklearn.model_selection import check_cv
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from skreg._device import to_numpy, to_tensor
-from skreg.ordinal._base import CumulativeLogitMixin, solver_tolerance, standardization
+from skreg.ordinal._base import (
+    CumulativeLogitMixin,
+    check_finite_fit,
+    solver_tolerance,
+    standardization,
+)
 from skreg.ordinal._solver import (
     class_probabilities,
     cumulative_design,
@@ -19,6 +24,7 @@ from skreg.ordinal._solver import (
     fit_proportional_odds,
     intercept_only_logits,
     presto_lambda_max,
+    separation_suspected,
     stack_designs,
 )
 
@@ -82,6 +88,11 @@ class _StandardizedProblem:
         return float(presto_lambda_max(self.design, intercept.unsqueeze(0),
                                        psi.unsqueeze(0), l1_ratio))
 
+    def separation_suspected(self, intercept, psi, parallel):
+        """:func:`separation_suspected` for the fit ``(intercept, psi)``."""
+        eta = intercept + self.X @ torch.cumsum(psi, 0).T
+        return separation_suspected(self.X, self.y, self.w, eta, parallel)
+
     def solve(self, lam, l1_ratio, start, max_iter, tol):
         intercept, psi = (None, None) if start is None else (
             start[0].unsqueeze(0), start[1].unsqueeze(0))
@@ -89,6 +100,34 @@ class _StandardizedProblem:
                                             intercept=intercept, psi=psi,
                                             max_iter=max_iter, tol=tol)
         return intercept[0], psi[0], result
+
+
+def warn_if_separable(problem, intercept, psi, parallel, remedy):
+    """Warn when an unpenalized direction diverges on (quasi-)separable data."""
+    if problem.separation_suspected(intercept, psi, parallel):
+        warnings.warn(
+            "Some training samples are fitted with class probabilities numerically "
+            "0 or 1 and the likelihood still decreases along a direction of the "
+            "coefficients: the classes look (quasi-)separable, so the maximum-"
+            "likelihood estimate does not exist and the coefficients grow without "
+            f"bound as tol shrinks. {remedy}",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+
+
+_PRESTO_REMEDY = "Use alpha > 0 with penalize_first=True."
+
+
+def _unpenalized_directions(alpha, penalize_first):
+    """Which directions the penalty leaves free (they can diverge), if any.
+
+    ``"separate"`` (no penalty), ``"parallel"`` (the shared weight vector, when
+    only the differences are penalized) or ``None``.
+    """
+    if alpha == 0:
+        return "separate"
+    return None if penalize_first else "parallel"
 
 
 def _warn_not_converged(result, lam):
@@ -115,7 +154,10 @@ class PrestoClassifier(CumulativeLogitMixin):
     alpha : float, default=0.01
         Penalty strength ``lambda``. ``0`` gives separate (non-parallel)
         cumulative logits; large values give the proportional-odds model
-        (with ``penalize_first=False``) or the intercept-only model.
+        (with ``penalize_first=False``) or the intercept-only model. With
+        ``alpha=0`` or ``penalize_first=False`` some directions are unpenalized:
+        on (quasi-)separable data their estimate does not exist, and a
+        ``ConvergenceWarning`` says so.
     l1_ratio : float in [0, 1], default=1.0
         Share of the L1 part in the elastic-net penalty on the differences.
     penalize_first : bool, default=True
@@ -128,8 +170,10 @@ class PrestoClassifier(CumulativeLogitMixin):
         standard deviation; ``coef_`` and ``intercept_`` are reported on the raw
         scale either way.
     categories : array-like of shape (n_classes,), default=None
-        The class labels in increasing order. By default, the sorted unique
-        labels of ``y``. Every category must occur in training.
+        The class labels in increasing order. By default, the category order of
+        an ordered pandas Categorical ``y`` (the categories that occur in it),
+        else the sorted unique labels of ``y``. Every category must occur in
+        training.
     max_iter : int, default=5000
         Maximum number of FISTA iterations.
     tol : float, default=1e-6
@@ -230,7 +274,7 @@ class PrestoClassifier(CumulativeLogitMixin):
         y : array-like of shape (n_samples,)
             Ordered class labels.
         sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights.
+            Non-negative weights; a weight of zero removes the sample.
 
         Returns
         -------
@@ -253,7 +297,12 @@ class PrestoClassifier(CumulativeLogitMixin):
                                                self.max_iter, tol)
         if not result.converged:
             _warn_not_converged(result, self.alpha)
+        free = _unpenalized_directions(self.alpha, self.penalize_first)
+        if free is not None:
+            warn_if_separable(problem, intercept, psi, free == "parallel",
+                              _PRESTO_REMEDY)
         coef, intercept = problem.raw(intercept, psi)
+        check_finite_fit(coef, intercept, self.alpha)
         self.coef_ = coef.astype(X.dtype, copy=False)
         self.intercept_ = intercept.astype(X.dtype, copy=False)
         self.n_iter_ = result.n_iter
@@ -300,7 +349,10 @@ class PrestoClassifierCV(CumulativeLogitMixin):
     standardize : bool, default=True
         Standardize features internally (per fold).
     categories : array-like of shape (n_classes,), default=None
-        The class labels in increasing order.
+        The class labels in increasing order. By default, the category order of
+        an ordered pandas Categorical ``y`` (the categories that occur in it),
+        else the sorted unique labels of ``y``. Every category must occur in
+        training.
     max_iter : int, default=5000
         Maximum FISTA iterations per penalty.
     tol : float, default=1e-6
@@ -380,7 +432,8 @@ class PrestoClassifierCV(CumulativeLogitMixin):
         y : array-like of shape (n_samples,)
             Ordered class labels.
         sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights (used in the fits and in the fold scores).
+            Non-negative weights (used in the fits and in the fold scores); a
+            weight of zero removes the sample.
 
         Returns
         -------
@@ -414,6 +467,11 @@ class PrestoClassifierCV(CumulativeLogitMixin):
                     f"cross-validation fold {fold} has no training sample of class "
                     f"{self.classes_[missing].tolist()}; use fewer folds (cv)."
                 )
+            if not np.any(weights[test] > 0):
+                raise ValueError(
+                    f"cross-validation fold {fold} has no test sample with positive "
+                    "sample_weight, so its loss is undefined; use fewer folds (cv)."
+                )
             problem = _StandardizedProblem(X[train], codes[train], weights[train],
                                            n_classes, self.standardize, device,
                                            X.dtype, self.penalize_first)
@@ -442,14 +500,22 @@ class PrestoClassifierCV(CumulativeLogitMixin):
             fold_losses = []
             for b, (X_test, test) in enumerate(tests):
                 eta = intercept[b] + X_test @ torch.cumsum(psi[b], 0).T
-                proba = to_numpy(class_probabilities(eta)[0])
+                proba = to_numpy(class_probabilities(eta))
                 fold_losses.append(_fold_loss(proba, codes[test], weights[test],
                                               self.scoring))
             losses.append(fold_losses)
         losses = np.asarray(losses).T
         mean = losses.mean(0)
+        finite = np.isfinite(mean)
+        if not finite.any():
+            raise ValueError(
+                "every penalty in alphas gave a non-finite held-out loss "
+                f"(alphas={alphas.tolist()}); check the scale of X and of "
+                "sample_weight."
+            )
+        lowest = mean[finite].min()
         # the largest penalty among the (numerically) tied best, as the authors do
-        best = int(np.flatnonzero(mean <= mean.min() + 1e-12 * abs(mean.min()))[0])
+        best = int(np.flatnonzero(finite & (mean <= lowest + 1e-12 * abs(lowest)))[0])
         self.alphas_ = alphas
         self.best_index_ = best
         self.alpha_ = float(alphas[best])
@@ -457,7 +523,11 @@ class PrestoClassifierCV(CumulativeLogitMixin):
                             "std_test_loss": losses.std(0)}
         for fold, fold_losses in enumerate(losses):
             self.cv_results_[f"split{fold}_test_loss"] = fold_losses
+        free = _unpenalized_directions(self.alpha_, self.penalize_first)
+        if free is not None:
+            warn_if_separable(full, *path[best], free == "parallel", _PRESTO_REMEDY)
         coef, intercept = full.raw(*path[best])
+        check_finite_fit(coef, intercept, self.alpha_)
         self.coef_ = coef.astype(X.dtype, copy=False)
         self.intercept_ = intercept.astype(X.dtype, copy=False)
         self.n_iter_ = int(sum(n_iter[: best + 1]))

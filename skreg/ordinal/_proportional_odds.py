@@ -3,13 +3,18 @@
 import numbers
 import warnings
 
+import torch
 from sklearn.base import _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval
 
 from skreg._device import to_numpy
-from skreg.ordinal._base import CumulativeLogitMixin, solver_tolerance
-from skreg.ordinal._presto import _StandardizedProblem
+from skreg.ordinal._base import (
+    CumulativeLogitMixin,
+    check_finite_fit,
+    solver_tolerance,
+)
+from skreg.ordinal._presto import _StandardizedProblem, warn_if_separable
 from skreg.ordinal._solver import fit_proportional_odds
 
 
@@ -26,8 +31,10 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
         Solve on standardized features (better conditioned); the estimates are
         reported on the raw scale and do not depend on this choice.
     categories : array-like of shape (n_classes,), default=None
-        The class labels in increasing order. By default, the sorted unique
-        labels of ``y``. Every category must occur in training.
+        The class labels in increasing order. By default, the category order of
+        an ordered pandas Categorical ``y`` (the categories that occur in it),
+        else the sorted unique labels of ``y``. Every category must occur in
+        training.
     max_iter : int, default=100
         Maximum number of Newton steps.
     tol : float, default=1e-10
@@ -60,10 +67,13 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
     The negative log-likelihood is convex (Pratt, 1981). Newton's method on the
     exact Hessian, assembled from each observation's ``2 x 2`` block in its two
     adjacent logits, with an Armijo line search that keeps the thresholds
-    ordered, converges in a handful of steps. statsmodels' ``OrderedModel``
-    parameterizes ``P(y <= k) = F(t_k - x @ b)``, so ``coef_ = -b`` and
-    ``intercept_ = t``; it matches with ``distr="logit"`` and
-    ``fit(method="bfgs")``.
+    ordered, converges in a handful of steps. On (quasi-)separable data the
+    estimate does not exist (the coefficients diverge while the gradient still
+    falls below ``tol``); a ``ConvergenceWarning`` says so when some training
+    sample is fitted with certainty and a Newton step still moves the fit.
+    statsmodels' ``OrderedModel`` parameterizes ``P(y <= k) = F(t_k - x @ b)``,
+    so ``coef_ = -b`` and ``intercept_ = t``; it matches with ``distr="logit"``
+    and ``fit(method="bfgs")``.
 
     References
     ----------
@@ -107,7 +117,7 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
         y : array-like of shape (n_samples,)
             Ordered class labels.
         sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights.
+            Non-negative weights; a weight of zero removes the sample.
 
         Returns
         -------
@@ -127,9 +137,15 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        psi = torch.zeros((problem.n_classes - 1, coef.shape[0]), dtype=coef.dtype,
+                          device=coef.device)
+        psi[0] = coef
+        warn_if_separable(problem, intercept, psi, True,
+                          "Use PrestoClassifier with alpha > 0 instead.")
         coef = to_numpy(coef) / problem.scale
+        intercept = to_numpy(intercept) - coef @ problem.mean
+        check_finite_fit(coef, intercept)
         self.coef_ = coef.astype(X.dtype, copy=False)
-        self.intercept_ = (to_numpy(intercept) - coef @ problem.mean).astype(
-            X.dtype, copy=False)
+        self.intercept_ = intercept.astype(X.dtype, copy=False)
         self.n_iter_ = result.n_iter
         return self

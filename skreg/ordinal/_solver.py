@@ -51,6 +51,17 @@ def _adjacent_logits(eta, y):
     return lower, upper
 
 
+def _active_gap(upper, lower, w):
+    """``upper - lower`` where the weight is positive, ``+inf`` where it is zero.
+
+    A zero-weight row lies outside the likelihood (its fitted curves may even
+    cross at its class); an infinite gap makes every derivative term of it exactly
+    zero, where ``0 * inf`` would give ``nan``.
+    """
+    gap = (upper - lower).clamp_min(torch.finfo(upper.dtype).tiny)
+    return torch.where(w > 0, gap, torch.full_like(gap, math.inf))
+
+
 def _log1mexp(d):
     """``log(1 - exp(d))`` for ``d <= 0``, accurate on both sides of ``-log 2``."""
     return torch.where(
@@ -96,7 +107,7 @@ def cumulative_logit_grad(eta, y, w):
     ``dl/da = sigmoid(a) + 1/expm1(u)``. Only meaningful on the domain.
     """
     lower, upper = _adjacent_logits(eta, y)
-    u = (upper - lower).clamp_min(torch.finfo(eta.dtype).tiny)
+    u = _active_gap(upper, lower, w)
     # 1/expm1(u) written with exp(-u) so that u -> inf gives 0, not nan
     inv = torch.exp(-u) / (-torch.expm1(-u))
     d_upper = -w * (torch.sigmoid(-upper) + inv)
@@ -116,7 +127,7 @@ def cumulative_logit_hessian(eta, y, w):
     ``[[s(a)s(-a) + q, -q], [-q, s(b)s(-b) + q]]`` (``s`` the sigmoid), weighted.
     """
     lower, upper = _adjacent_logits(eta, y)
-    u = (upper - lower).clamp_min(torch.finfo(eta.dtype).tiny)
+    u = _active_gap(upper, lower, w)
     q = torch.exp(-u) / torch.expm1(-u).square()
     h_upper = w * (torch.sigmoid(upper) * torch.sigmoid(-upper) + q)
     h_lower = w * (torch.sigmoid(lower) * torch.sigmoid(-lower) + q)
@@ -129,6 +140,88 @@ def cumulative_logit_hessian(eta, y, w):
     hess[rows, y, y + 1] = h_cross
     hess[rows, y + 1, y] = h_cross
     return hess[:, 1:-1, 1:-1]
+
+
+#: A fitted cumulative logit beyond this, on an observation's own side, gives it a
+#: tail probability below ``e^-30 ~ 1e-13``: numerically 0 or 1.
+SATURATION_LOGIT = 30.0
+
+
+def _newton_logit_step(X, y, w, eta, parallel):
+    """The change of ``eta`` that one Newton step of the unpenalized model makes.
+
+    ``parallel`` selects the proportional-odds model (free intercepts, one
+    shared slope vector), otherwise every threshold has its own intercept and
+    slopes. Returns ``(n, K-1)``.
+    """
+    n, km1 = eta.shape
+    g_eta = cumulative_logit_grad(eta, y, w)
+    h_eta = cumulative_logit_hessian(eta, y, w)
+    if parallel:
+        row_sums = h_eta.sum(2)
+        grad = torch.cat([g_eta.sum(0), X.T @ g_eta.sum(1)])
+        hess = torch.cat([
+            torch.cat([h_eta.sum(0), row_sums.T @ X], 1),
+            torch.cat([X.T @ row_sums, X.T @ (row_sums.sum(1, keepdim=True) * X)], 1),
+        ])
+    else:
+        X = torch.cat([torch.ones((n, 1), dtype=X.dtype, device=X.device), X], 1)
+        d = X.shape[1]
+        grad = (g_eta.T @ X).reshape(-1)
+        hess = torch.zeros((km1, d, km1, d), dtype=X.dtype, device=X.device)
+        # each observation couples only its two adjacent thresholds
+        for k in range(km1):
+            for m in range(max(k - 1, 0), min(k + 2, km1)):
+                hess[k, :, m, :] = X.T @ (h_eta[:, k, m, None] * X)
+        hess = hess.reshape(km1 * d, km1 * d)
+    # floored so that a Hessian that underflowed to 0 stays invertible
+    jitter = (1e-12 * hess.diagonal().abs().max()).clamp_min(
+        torch.finfo(X.dtype).tiny)
+    eye = torch.eye(hess.shape[0], dtype=X.dtype, device=X.device)
+    step = -torch.linalg.solve(hess + jitter * eye, grad)
+    if parallel:
+        return step[:km1] + (X @ step[km1:]).unsqueeze(1)
+    return X @ step.reshape(km1, -1).T
+
+
+def separation_suspected(X, y, w, eta, parallel):
+    """Whether the fit ``eta`` looks like a divergent path on separable data.
+
+    On (quasi-)separable data the maximum-likelihood estimate does not exist: the
+    iterates diverge along a separating direction while the gradient decays
+    below any tolerance. Two marks together identify it: some positive-weight
+    observation is fitted with certainty (an adjacent cumulative logit beyond
+    :data:`SATURATION_LOGIT` on its own side; a heavy-tailed feature can do
+    that at a finite optimum too), and a Newton step of the unpenalized model
+    still moves a training logit by ``O(1)`` (it is ~0 at a finite optimum, and
+    ~1 per step along ``e^{-t}`` on a separating direction).
+
+    Parameters
+    ----------
+    X, y, w : torch.Tensor
+        Design ``(n, p)``, class indices ``(n,)``, weights summing to one.
+    eta : torch.Tensor of shape (n, K-1)
+        Fitted cumulative logits of the training observations.
+    parallel : bool
+        Whether the unpenalized directions are those of the proportional-odds
+        model (``True``) or of separate cumulative logits (``False``).
+
+    Returns
+    -------
+    bool
+    """
+    lower, upper = _adjacent_logits(eta, y)
+    active = w > 0
+    sure = ((upper > SATURATION_LOGIT) & torch.isfinite(upper)) | (
+        (lower < -SATURATION_LOGIT) & torch.isfinite(lower))
+    if not bool((sure & active).any()):
+        return False
+    step_lower, step_upper = _adjacent_logits(
+        _newton_logit_step(X, y, w, eta, parallel), y)
+    moved = torch.where(torch.isfinite(step_lower), step_lower.abs(), 0.0)
+    moved = torch.maximum(moved, torch.where(torch.isfinite(step_upper),
+                                             step_upper.abs(), 0.0))
+    return bool((moved[active] > 0.5).any())
 
 
 def intercept_only_logits(y, w, n_classes):
@@ -250,7 +343,7 @@ def _reverse_cumsum(t, dim):
 
 def _design_grad(design, logits):
     upper, lower = logits
-    u = (upper - lower).clamp_min(torch.finfo(upper.dtype).tiny)
+    u = _active_gap(upper, lower, design.w)
     inv = torch.exp(-u) / (-torch.expm1(-u))
     # the top (bottom) class has no upper (lower) logit: its offset is infinite
     # and its derivative below is exactly zero, so the clamped index adds nothing
@@ -265,7 +358,7 @@ def _design_grad(design, logits):
 
 def _design_hessian_diagonal(design, logits):
     upper, lower = logits
-    u = (upper - lower).clamp_min(torch.finfo(upper.dtype).tiny)
+    u = _active_gap(upper, lower, design.w)
     q = torch.exp(-u) / torch.expm1(-u).square()
     w = design.w
     h_upper = w * (torch.sigmoid(upper) * torch.sigmoid(-upper) + q)
@@ -564,24 +657,31 @@ def fit_proportional_odds(X, y, w, n_classes, *, intercept=None, coef=None,
     return intercept, coef, result
 
 
-def monotone_cumulative(eta):
-    """Cumulative probabilities, repaired by monotone rearrangement.
+def class_log_probabilities(eta):
+    """Log class probabilities ``(n, K)`` from cumulative logits, after rearrangement.
 
-    Returns ``(cum, n_crossed)``: ``cum`` is ``(n, K-1)``, sorted along the
-    threshold axis (Chernozhukov, Fernandez-Val & Galichon, 2010), and
-    ``n_crossed`` counts the rows whose fitted curves were out of order.
+    Where the fitted curves cross, the cumulative probabilities are sorted
+    (monotone rearrangement, Chernozhukov, Fernandez-Val & Galichon, 2010). The
+    sigmoid is increasing, so that is sorting ``eta``; then for adjacent sorted
+    logits ``a <= b``, ``log(sigmoid(b) - sigmoid(a))`` is
+    ``logsigmoid(b) + logsigmoid(-a) + log(1 - e^{a-b})``, accurate however far
+    out ``a`` and ``b`` lie (``-inf`` only when ``a = b``). Where the probability
+    is a normal floating-point number the result is the log of that number, so
+    it agrees with :func:`class_probabilities` to the last bit (a probability
+    that rounds to 1 has log 0); only where it underflows does the direct value
+    show.
     """
-    cum = torch.sigmoid(eta)
-    if eta.shape[1] < 2:
-        return cum, torch.zeros((), dtype=torch.int64, device=eta.device)
-    crossed = (eta[:, 1:] < eta[:, :-1]).any(1)
-    return torch.sort(cum, dim=1).values, crossed.sum()
+    padded = _padded_logits(torch.sort(eta, dim=1).values)
+    lower, upper = padded[:, :-1], padded[:, 1:]
+    log_proba = (torch.nn.functional.logsigmoid(upper)
+                 + torch.nn.functional.logsigmoid(-lower) + _log1mexp(lower - upper))
+    proba = torch.exp(log_proba)
+    return torch.where(proba >= torch.finfo(proba.dtype).tiny, torch.log(proba),
+                       log_proba)
 
 
 def class_probabilities(eta):
-    """Class probabilities ``(n, K)`` from cumulative logits, after rearrangement."""
-    cum, n_crossed = monotone_cumulative(eta)
-    n = eta.shape[0]
-    zero = torch.zeros((n, 1), dtype=eta.dtype, device=eta.device)
-    padded = torch.cat([zero, cum, zero + 1.0], dim=1)
-    return torch.diff(padded, dim=1).clamp_min(0.0), n_crossed
+    """Class probabilities ``(n, K)``: the exponential of
+    :func:`class_log_probabilities`, free of the cancellation in a difference of
+    sigmoids."""
+    return torch.exp(class_log_probabilities(eta))
