@@ -155,6 +155,22 @@ def test_partial_fit_does_not_depend_on_how_the_stream_is_chunked(planted, devic
     assert_allclose(chunked.objective_, whole.objective_, rtol=1e-10)
 
 
+@pytest.mark.parametrize("algorithm", ["msp", "procrustes"])
+@pytest.mark.parametrize("n_samples", [1, 16])
+def test_small_partial_fit_after_batch_fit_keeps_the_recovered_atoms(
+    planted, algorithm, n_samples
+):
+    Y, D, _ = planted
+    odl = OrthogonalDictionaryLearning(algorithm=algorithm, random_state=0,
+                                       device="cpu").fit(Y)
+    before = dictionary_recovery(odl.components_, D).cosines.min()
+    odl.partial_fit(Y[:n_samples])
+    after = dictionary_recovery(odl.components_, D).cosines.min()
+    assert before > 0.99
+    assert after > before - 1e-3
+    assert odl.n_steps_ == odl.n_iter_ * -(-len(Y) // odl.batch_size) + 1
+
+
 def test_partial_fit_keeps_no_sample_sized_state(planted):
     Y = planted[0]
     odl = OrthogonalDictionaryLearning(batch_size=100, random_state=0, device="cpu")

@@ -25,6 +25,7 @@ from ._solver import (
     frank_wolfe,
     frank_wolfe_step,
     hard_threshold,
+    lp_gradient,
     lp_objective,
     msp,
     procrustes,
@@ -102,8 +103,12 @@ class OrthogonalDictionaryLearning(
     n_iter_ : int
         Iterations (or passes, for ``"frank_wolfe"``) run by the last :meth:`fit`.
     n_steps_ : int
-        Frank-Wolfe steps taken so far (by ``fit`` with ``"frank_wolfe"`` and by
-        every :meth:`partial_fit` since).
+        Frank-Wolfe steps taken so far, counting every :meth:`partial_fit` since
+        the last :meth:`fit`. ``fit`` with ``"frank_wolfe"`` counts its steps;
+        ``"msp"`` and ``"procrustes"`` count the steps their ``n_iter_`` passes
+        would take in batches of ``batch_size``, and also store the gradient
+        average at the fitted dictionary, so that :meth:`partial_fit` continues
+        from the fit with small steps instead of restarting.
     objective_ : ndarray
         History of the objective: per iteration for ``"msp"`` (mean l_p value,
         increasing) and ``"procrustes"`` (penalized squared residual per sample,
@@ -240,25 +245,30 @@ class OrthogonalDictionaryLearning(
         Y = Y - mean
         A = random_orthogonal(n_components, n_features, generator=generator,
                               dtype=Y.dtype, device=device)
-        G = None
-        n_steps = 0
-        if self.algorithm == "msp":
-            A, result = msp(Y, A, power=self.power, max_iter=max_iter, tol=self.tol,
-                            verbose=self.verbose)
-        elif self.algorithm == "procrustes":
-            A, result = procrustes(Y, A, alpha=self.alpha, max_iter=max_iter,
-                                   tol=self.tol, verbose=self.verbose)
-        else:
+        if self.algorithm == "frank_wolfe":
             A, G, result = frank_wolfe(
                 Y, A, power=self.power, batch_size=self.batch_size,
                 max_iter=max_iter, tol=self.tol, generator=generator,
                 verbose=self.verbose,
             )
             n_steps = result.n_steps
+        else:
+            if self.algorithm == "msp":
+                A, result = msp(Y, A, power=self.power, max_iter=max_iter,
+                                tol=self.tol, verbose=self.verbose)
+            else:
+                A, result = procrustes(Y, A, alpha=self.alpha, max_iter=max_iter,
+                                       tol=self.tol, verbose=self.verbose)
+            # Leave the online state that streaming the same passes would leave,
+            # so partial_fit continues from the fit instead of restarting with
+            # large steps: the exact gradient average at the fitted dictionary and
+            # the step count of n_iter passes in batches of batch_size.
+            G, _ = lp_gradient(A, Y, self.power)
+            n_steps = result.n_iter * -(-n_samples // self.batch_size)
 
         self.components_ = to_numpy(A)
         self.mean_ = to_numpy(mean)
-        self._gradient_average = None if G is None else to_numpy(G)
+        self._gradient_average = to_numpy(G)
         self.n_iter_ = result.n_iter
         self.n_steps_ = n_steps
         self.objective_ = to_numpy(result.objective)
@@ -270,9 +280,13 @@ class OrthogonalDictionaryLearning(
         """Update the dictionary with one chunk of a stream (online Frank-Wolfe).
 
         The first call initializes a random orthogonal dictionary (or continues
-        from a previous :meth:`fit`). Each chunk is cut into batches of
+        from a previous :meth:`fit`, with the step count and gradient average the
+        fit left, see ``n_steps_``). Each chunk is cut into batches of
         ``batch_size`` samples, in order, one Frank-Wolfe step per batch; only the
         dictionary, the gradient average and two counters are kept between calls.
+        The result does not depend on how a stream is chunked when every chunk
+        but the last holds a multiple of ``batch_size`` samples; otherwise each
+        chunk's short last batch takes a step of its own.
 
         Parameters
         ----------
