@@ -57,7 +57,8 @@ validation = visible & ~fit_mask
 ranks = [2, 4, 8, 16, 32]
 validation_rmse, erased_rmse = [], []
 for rank in ranks:
-    completer = LowRankCompleter(rank=rank, alpha=0.3, max_iter=20, random_state=0)
+    completer = LowRankCompleter(rank=rank, alpha=0.3, max_iter=50, tol=1e-3,
+                                 random_state=0)
     filled = completer.fit_transform(X, mask=fit_mask)
     validation_rmse.append(rmse(filled[validation], image[validation]))
     erased_rmse.append(rmse(filled[erased], image[erased]))
@@ -69,7 +70,8 @@ print(f"rank chosen on the validation pixels: {best_rank}")
 # %%
 # Refit on every visible pixel with the chosen rank
 # -------------------------------------------------
-completer = LowRankCompleter(rank=best_rank, alpha=0.3, max_iter=20, random_state=0)
+completer = LowRankCompleter(rank=best_rank, alpha=0.3, max_iter=50, tol=1e-3,
+                             random_state=0)
 restored = completer.fit_transform(X)
 print(f"final RMSE on the erased pixels: {rmse(restored[erased], image[erased]):.3f} "
       f"(column means: {baseline:.3f}), {completer.n_iter_} sweeps")

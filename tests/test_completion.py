@@ -1,10 +1,13 @@
 """Tests of skreg.completion: recovery, solver agreement, fold-in, inputs, pipelines."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 from sklearn import config_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
@@ -48,6 +51,57 @@ def test_approximate_solver_rmse_is_within_one_percent_of_exact_solver():
     assert errors["altmin_exact"] < 2 * floor
 
 
+def _uncentered_low_rank(kind):
+    # Matrices whose mean dwarfs their other components: the default CG
+    # half-steps used to stall there far from the exact solver's answer.
+    rng = np.random.default_rng(0)
+    if kind == "offset":
+        truth = rng.normal(size=(60, 3)) @ rng.normal(size=(40, 3)).T + 300
+        rank = 4
+    else:
+        rng.random(60 * 3 + 40 * 3 + 60 * 40)  # skip to the draws that stalled
+        truth = rng.uniform(size=(60, 5)) @ rng.uniform(size=(40, 5)).T
+        rank = 5
+    missing = rng.random(truth.shape) >= 0.5
+    return np.where(missing, np.nan, truth), truth, missing, rank
+
+
+@pytest.mark.parametrize("kind", ["offset", "nonnegative"])
+def test_default_solver_matches_the_exact_solver_on_uncentered_matrices(kind):
+    X, truth, missing, rank = _uncentered_low_rank(kind)
+    errors = {}
+    for solver in ("altmin_exact", "altmin"):
+        completer = LowRankCompleter(rank=rank, center=False, solver=solver,
+                                     random_state=0, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            filled = completer.fit_transform(X)
+        errors[solver] = _rmse(filled[missing], truth[missing])
+    assert errors["altmin_exact"] < 1e-2
+    assert errors["altmin"] <= 1.1 * errors["altmin_exact"]
+
+
+def test_stopping_at_max_iter_before_tol_warns():
+    X, _, _ = make_low_rank_matrix_completion(40, 30, rank=2, density=0.5,
+                                              noise=0.1, random_state=15)
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        LowRankCompleter(rank=2, max_iter=2, random_state=0, device="cpu").fit(X)
+
+
+def test_exact_fit_stops_at_the_rounding_level_without_warning():
+    X, U, V = make_low_rank_matrix_completion(120, 90, rank=3, density=0.35,
+                                              random_state=0)
+    completer = LowRankCompleter(rank=3, alpha=0.0, center=False, tol=0.0,
+                                 max_iter=100, solver="altmin_exact",
+                                 random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        filled = completer.fit_transform(X)
+    assert completer.n_iter_ < 100
+    assert completer.reconstruction_err_[-1] < 1e-12
+    assert np.abs(filled - U @ V.T).max() < 1e-10
+
+
 def test_training_error_of_exact_alternating_least_squares_never_increases():
     X, _, _ = make_low_rank_matrix_completion(80, 70, rank=3, density=0.3,
                                               noise=0.2, random_state=2)
@@ -74,6 +128,27 @@ def test_dense_with_nan_and_sparse_inputs_give_the_same_model():
     np.testing.assert_allclose(sparse.mean_, dense.mean_, atol=1e-10)
     np.testing.assert_allclose(sparse.transform(X_sparse), dense.transform(X),
                                atol=1e-10)
+
+
+def test_duplicate_coo_entries_are_summed_as_scipy_reads_them():
+    X, _, _ = make_low_rank_matrix_completion(40, 30, rank=2, density=0.5,
+                                              noise=0.05, random_state=16)
+    rows, cols = np.nonzero(~np.isnan(X))
+    values = X[rows, cols]
+    # the first entry stored as two halves: scipy's matrix is unchanged
+    coo = sp.coo_matrix(
+        (np.r_[values[0] / 2, values[0] / 2, values[1:]],
+         (np.r_[rows[0], rows], np.r_[cols[0], cols])), shape=X.shape)
+    canonical = sp.csr_matrix((values, (rows, cols)), shape=X.shape)
+    assert np.array_equal(coo.toarray(), canonical.toarray())
+    params = dict(rank=2, alpha=1e-2, random_state=0, device="cpu")
+    from_coo = LowRankCompleter(**params).fit(coo)
+    expected = LowRankCompleter(**params).fit(canonical)
+    np.testing.assert_allclose(from_coo.components_, expected.components_,
+                               atol=1e-10)
+    np.testing.assert_allclose(from_coo.transform(coo), expected.transform(canonical),
+                               atol=1e-10)
+    assert coo.nnz == values.size + 1  # the caller's matrix is left as it was
 
 
 def test_a_numeric_missing_value_placeholder_acts_like_nan():
@@ -237,6 +312,14 @@ def _fitted():
         ("bad_device", ValueError, "device"),
         ("entries_out_of_range", ValueError, "cols must lie in"),
         ("entries_not_integers", TypeError, "rows must be a 1-d array of integers"),
+        ("missing_values_inf", ValueError, "missing_values=inf is not supported"),
+        ("missing_values_minus_inf", ValueError,
+         "missing_values=-inf is not supported"),
+        ("fold_in_row_out_of_range", ValueError, r"rows must lie in \[0, 1\)"),
+        ("fold_in_col_out_of_range", ValueError, r"cols must lie in \[0, 10\)"),
+        ("fold_in_nan_value", ValueError, "values contains NaN"),
+        ("fold_in_lengths_differ", ValueError, "rows, cols and values must be"),
+        ("fold_in_n_rows_not_integer", TypeError, "n_rows must be an integer"),
     ],
 )
 def test_malformed_input_raises_a_clear_error(case, error, match):
@@ -266,3 +349,17 @@ def test_malformed_input_raises_a_clear_error(case, error, match):
             fitted.predict_entries([0, 1], [2, 10])
         elif case == "entries_not_integers":
             fitted.predict_entries([0.5], [1])
+        elif case in ("missing_values_inf", "missing_values_minus_inf"):
+            placeholder = np.inf if case == "missing_values_inf" else -np.inf
+            LowRankCompleter(rank=2, missing_values=placeholder, device="cpu").fit(
+                np.where(np.isnan(X), placeholder, X))
+        elif case == "fold_in_row_out_of_range":
+            fitted.fold_in(1, [5], [0], [1.0])
+        elif case == "fold_in_col_out_of_range":
+            fitted.fold_in(1, [0], [10], [1.0])
+        elif case == "fold_in_nan_value":
+            fitted.fold_in(1, [0], [0], [np.nan])
+        elif case == "fold_in_lengths_differ":
+            fitted.fold_in(1, [0, 0], [0, 1], [1.0])
+        elif case == "fold_in_n_rows_not_integer":
+            fitted.fold_in(1.5, [0], [0], [1.0])

@@ -1,8 +1,8 @@
 """LowRankCompleter: the scikit-learn shell around the alternating solver."""
 
-import logging
 import math
 import numbers
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -13,9 +13,10 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from skreg._device import resolve_device, to_numpy, torch_generator
 from skreg.completion._solver import (
@@ -26,11 +27,23 @@ from skreg.completion._solver import (
 
 __all__ = ["LowRankCompleter"]
 
-logger = logging.getLogger(__name__)
-
 
 def _is_nan(value):
     return isinstance(value, numbers.Real) and math.isnan(value)
+
+
+def _check_indices(name, index, size, allow_negative):
+    """1-d integer ``index`` with entries in ``[0, size)`` (or ``[-size, size)``)."""
+    index = np.asarray(index)
+    if index.ndim != 1 or not (index.size == 0
+                               or np.issubdtype(index.dtype, np.integer)):
+        raise TypeError(f"{name} must be a 1-d array of integers.")
+    index = index.astype(np.int64, copy=False)
+    low = -size if allow_negative else 0
+    if index.size and (index.min() < low or index.max() >= size):
+        raise ValueError(f"{name} must lie in [{low}, {size}), got values in "
+                         f"[{index.min()}, {index.max()}].")
+    return index
 
 
 class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
@@ -58,24 +71,31 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         row factors).
     tol : float, default=1e-5
         Stop when the training RMSE changes by less than ``tol`` times itself
-        between sweeps.
+        between sweeps, or falls to the rounding level of the data (100
+        machine epsilons times the RMS of the observed values). Stopping at
+        ``max_iter`` before that raises a
+        :class:`~sklearn.exceptions.ConvergenceWarning`.
     solver : {"altmin", "altmin_exact"}, default="altmin"
-        ``"altmin"``: each half-step is ``n_cg_steps`` steps of batched
-        preconditioned CG warm-started at the previous factors, O(``|Omega|`` k)
-        per step. ``"altmin_exact"``: each half-step solves the ``k x k`` normal
-        equations of every row, O(``|Omega|`` k^2 + (m + n) k^3).
+        ``"altmin"``: each half-step is at least ``n_cg_steps`` steps of
+        batched preconditioned CG warm-started at the previous factors,
+        O(``|Omega|`` k) per step, and more (at most ``rank``, or ``rank + 1``
+        with ``center``) while a step still lowers the half-step objective by
+        more than 1% of its value. ``"altmin_exact"``: each half-step solves
+        the ``k x k`` normal equations of every row,
+        O(``|Omega|`` k^2 + (m + n) k^3).
     init : {"svd", "random"}, default="svd"
         ``"svd"``: top-``rank`` SVD of the rescaled observed matrix with
         clipping of heavy rows. ``"random"``: Gaussian factors.
     n_cg_steps : int, default=2
-        CG steps per half-step for ``solver="altmin"``.
+        Minimum number of CG steps per half-step for ``solver="altmin"``.
     center : bool, default=True
         Subtract the mean of the observed entries and fit a per-row and a
         per-column offset along with the factors (``c`` and ``b`` above). Set
         to False when the matrix is known to be exactly low-rank.
     missing_values : float, default=np.nan
-        The placeholder of missing entries in dense input. Sparse input ignores
-        it: its stored entries are the observed ones (explicit zeros included),
+        The placeholder of missing entries in dense input; not infinite. Sparse
+        input ignores it: its stored entries are the observed ones (explicit
+        zeros included; a position stored twice holds the sum, as in scipy),
         and stored entries equal to ``missing_values`` count as missing.
     random_state : int, RandomState instance or None, default=None
         Seeds the randomized SVD or the random start.
@@ -123,7 +143,8 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     whose half-steps need only be solved approximately. The paper uses
     sketch-and-precondition per row; here the preconditioner of row ``i`` is its
     expected normal matrix ``|Omega_i| W + alpha I`` (one ``k x k``
-    eigendecomposition for all rows) and the steps are batched CG. Unlike the
+    eigendecomposition for all rows) and the steps are batched CG, continued
+    past ``n_cg_steps`` while they still pay. Unlike the
     theory, no sample splitting is done (every sweep reuses all entries) and a
     ridge term keeps under-observed rows well posed. The last row update is
     exact, so ``transform`` on the training rows reproduces ``fit_transform``.
@@ -148,10 +169,12 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     >>> from skreg.datasets import make_low_rank_matrix_completion
     >>> X, U, V = make_low_rank_matrix_completion(60, 40, rank=2, density=0.5,
     ...                                           random_state=0)
-    >>> completer = LowRankCompleter(rank=2, center=False, alpha=1e-9, tol=1e-12,
+    >>> completer = LowRankCompleter(rank=2, center=False, alpha=0.0, tol=0.0,
     ...                              max_iter=200, device="cpu", random_state=0)
     >>> X_filled = completer.fit_transform(X)
-    >>> bool(np.abs(X_filled - U @ V.T).max() < 1e-4)
+    >>> bool(np.abs(X_filled - U @ V.T).max() < 1e-10)
+    True
+    >>> completer.n_iter_ < 200  # an exact fit stops at the rounding level
     True
     """
 
@@ -188,6 +211,12 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         self.verbose = verbose
 
     def _validate(self, X, mask, reset):
+        if math.isinf(self.missing_values):
+            raise ValueError(
+                f"missing_values={self.missing_values} is not supported: infinite "
+                "values are rejected as input. Replace them by np.nan and use "
+                "missing_values=np.nan."
+            )
         nan_missing = _is_nan(self.missing_values)
         X = validate_data(
             self, X, reset=reset, accept_sparse=["csr", "csc", "coo"],
@@ -200,7 +229,10 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                     "mask is only supported with dense X; with sparse X the stored "
                     "entries are the observed ones."
                 )
-            X = X.tocoo()
+            # Duplicate stored entries are summed, as scipy reads them; on a
+            # copy, so that the caller's matrix is left as it was.
+            X = X.tocoo(copy=True)
+            X.sum_duplicates()
             rows, cols, values = X.row, X.col, X.data
             keep = ~np.isnan(values) if nan_missing else values != self.missing_values
             rows, cols, values = rows[keep], cols[keep], values[keep]
@@ -276,8 +308,14 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             if progress is not None:
                 progress.close()
         if not result.converged:
-            logger.info("LowRankCompleter stopped after max_iter=%d sweeps without "
-                        "reaching tol=%g.", self.max_iter, self.tol)
+            warnings.warn(
+                f"LowRankCompleter stopped after max_iter={self.max_iter} sweeps "
+                f"with the training RMSE still changing by more than tol="
+                f"{self.tol:g} times itself (last RMSE "
+                f"{result.rmse_history[-1]:.3g}). Increase max_iter or tol; for a "
+                "matrix that is not centered, center=True also helps.",
+                ConvergenceWarning, stacklevel=4,
+            )
         self.components_ = to_numpy(V.T).copy()
         self.row_factors_ = to_numpy(U)
         self.row_offsets_ = to_numpy(c)
@@ -358,9 +396,10 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             Number of new rows.
         rows, cols : array-like of int of shape (n_observed,)
             Positions of the observed entries (row in ``range(n_rows)``, column
-            in ``range(n_features_in_)``).
+            in ``range(n_features_in_)``). A position given twice counts as two
+            observations.
         values : array-like of shape (n_observed,)
-            Their values.
+            Their values, finite.
 
         Returns
         -------
@@ -368,11 +407,23 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         row_offsets : ndarray of shape (n_rows,)
         """
         check_is_fitted(self)
-        device = resolve_device(self.device)
+        if not isinstance(n_rows, numbers.Integral) or isinstance(n_rows, bool):
+            raise TypeError(f"n_rows must be an integer, got {n_rows!r}.")
+        if n_rows < 0:
+            raise ValueError(f"n_rows must be non-negative, got {n_rows}.")
         dtype = self.components_.dtype
-        rows_t, cols_t, values_t = self._tensors(
-            np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64),
-            np.asarray(values, dtype=dtype), device)
+        rows = _check_indices("rows", rows, n_rows, allow_negative=False)
+        cols = _check_indices("cols", cols, self.components_.shape[1],
+                              allow_negative=False)
+        values = check_array(values, ensure_2d=False, dtype=dtype,
+                             ensure_min_samples=0, input_name="values")
+        if values.ndim != 1 or not rows.shape == cols.shape == values.shape:
+            raise ValueError(
+                f"rows, cols and values must be 1-d of the same length, got "
+                f"shapes {rows.shape}, {cols.shape} and {values.shape}."
+            )
+        device = resolve_device(self.device)
+        rows_t, cols_t, values_t = self._tensors(rows, cols, values, device)
         V = torch.as_tensor(self.components_.T.copy(), device=device)
         means = torch.as_tensor(self.mean_, device=device)
         U, c = fold_in_rows(rows_t, cols_t, values_t, n_rows, V, means, self.alpha,
@@ -394,15 +445,9 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         ndarray of shape (n_queries,)
         """
         check_is_fitted(self)
-        rows = np.asarray(rows)
-        cols = np.asarray(cols)
         m, n = self.row_factors_.shape[0], self.components_.shape[1]
-        for name, index, size in (("rows", rows, m), ("cols", cols, n)):
-            if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-                raise TypeError(f"{name} must be a 1-d array of integers.")
-            if index.size and (index.min() < -size or index.max() >= size):
-                raise ValueError(f"{name} must lie in [0, {size}), got values in "
-                                 f"[{index.min()}, {index.max()}].")
+        rows = _check_indices("rows", rows, m, allow_negative=True)
+        cols = _check_indices("cols", cols, n, allow_negative=True)
         if rows.shape != cols.shape:
             raise ValueError(f"rows and cols must have the same length, got "
                              f"{rows.shape[0]} and {cols.shape[0]}.")

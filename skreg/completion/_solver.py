@@ -36,6 +36,14 @@ _JITTER = 10.0
 
 _PRECONDITIONER_FLOOR = 1e-30
 
+# Multiple of eps times the RMS of the observed values below which the training
+# RMSE counts as converged (exact fits reach about 10 eps).
+_ROUNDOFF_FACTOR = 100.0
+
+# CG in a half-step stops (after n_cg_steps) once a step lowers the half-step
+# objective by at most this fraction of its value; see ridge_rows_cg.
+_CG_RTOL = 1e-2
+
 
 class ObservedEntries(NamedTuple):
     """The observed entries of an ``m x n`` matrix, indexed both ways.
@@ -208,8 +216,9 @@ def _safe_divide(a, b):
                        torch.zeros_like(a))
 
 
-def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights):
-    """Approximate ridge half-step by a few steps of preconditioned batched CG.
+def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights,
+                  rtol=_CG_RTOL):
+    """Approximate ridge half-step by preconditioned batched CG.
 
     Every row's system ``(F_i^T F_i + alpha I) x_i = F_i^T y_i`` is advanced
     together; one matrix-vector product for all rows costs O(|Omega| k). The
@@ -217,6 +226,16 @@ def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights):
     sampling, ``|Omega_i| W + alpha I`` with ``W = sum_j w_j f_j f_j^T`` and
     ``w_j`` the share of observations falling in column ``j``: one ``k x k``
     eigendecomposition serves all rows.
+
+    At least ``n_steps`` steps are taken. With ``rtol`` set, CG goes on (up to
+    ``max(n_steps, k)`` steps, where CG is exact in exact arithmetic) while its
+    last step lowered the half-step objective ``1/2 ||P_Omega(y - X F^T)||^2 +
+    alpha/2 ||X||^2`` by more than ``rtol`` times the objective's current value:
+    the ``(1 + eps)``-approximate regression that inexact alternating
+    minimization asks of each half-step, estimated from CG's own exact decrease
+    ``step * r^T z / 2``. A fixed number of steps is not enough when the
+    preconditioner is poor, e.g. on an uncentered matrix whose mean dwarfs its
+    other components.
 
     Parameters
     ----------
@@ -228,8 +247,12 @@ def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights):
         Warm start (the previous iterate).
     alpha : float
     n_steps : int
+        Minimum number of CG steps.
     col_weights : torch.Tensor, shape (n_other,)
         Share of the observations in each column of ``F``'s index.
+    rtol : float or None, default=1e-2
+        Relative decrease below which CG stops after ``n_steps``; None takes
+        exactly ``n_steps`` steps.
 
     Returns
     -------
@@ -245,19 +268,30 @@ def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights):
         return ((R @ eigvecs) / scale) @ eigvecs.T
 
     X = X0.clone()
-    R = values @ F - _gram_matvec(pattern, F, X, alpha)
+    products = torch.sparse.sampled_addmm(pattern, X, F.T, beta=0.0)
+    R = values @ F - (products @ F + alpha * X)
+    residual = values.values() - products.values()
+    objective = 0.5 * (residual * residual).sum() + 0.5 * alpha * (X * X).sum()
     Z = precondition(R)
     P = Z
     rz = (R * Z).sum(1)
-    for _ in range(n_steps):
+    max_steps = n_steps if rtol is None else max(n_steps, F.shape[1])
+    for n_done in range(1, max_steps + 1):
         AP = _gram_matvec(pattern, F, P, alpha)
         step = _safe_divide(rz, (P * AP).sum(1))
         X = X + step[:, None] * P
         R = R - step[:, None] * AP
+        decrease = 0.5 * (step * rz).sum()
+        objective = objective - decrease
         Z = precondition(R)
         rz_next = (R * Z).sum(1)
         P = Z + _safe_divide(rz_next, rz)[:, None] * P
         rz = rz_next
+        # One host sync per step beyond n_steps, none before.
+        if n_done >= n_steps and n_done < max_steps and bool(
+            decrease <= rtol * objective
+        ):
+            break
     return X
 
 
@@ -289,19 +323,21 @@ def training_rmse(entries, U, V, row_offsets=None, col_offsets=None):
 
 
 def _half_step(values, pattern, counts, F, offsets, X0, alpha, exact, n_cg_steps,
-               shares):
+               shares, cg_rtol):
     """Update one side's factors (with their offsets when ``offsets`` is given)."""
     if offsets is not None:
         values = _shift_values(values, offsets)
         F = _with_ones(F)
     if exact:
         return ridge_rows_exact(values, pattern, F, alpha)
-    return ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_cg_steps, shares)
+    return ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_cg_steps, shares,
+                         cg_rtol)
 
 
 def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5,
-                             exact=False, n_cg_steps=2, init="svd", offsets=True,
-                             generator=None, callback=None):
+                             exact=False, n_cg_steps=2, cg_rtol=_CG_RTOL,
+                             init="svd", offsets=True, generator=None,
+                             callback=None):
     """Fit ``M ~= U V^T + c 1^T + 1 b^T`` on the observed entries.
 
     Minimizes ``1/2 sum_{(i,j) in Omega} (M_ij - u_i . v_j - c_i - b_j)^2
@@ -309,11 +345,13 @@ def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5
     steps (the offsets ``c``, ``b`` only when ``offsets=True``). One sweep
     updates ``(V, b)`` given ``(U, c)``, then ``(U, c)`` given ``(V, b)``: an
     offset is a factor column paired with a constant column of ones on the other
-    side. With ``exact=False`` each half-step is ``n_cg_steps`` of
+    side. With ``exact=False`` each half-step is at least ``n_cg_steps`` of
     preconditioned CG warm-started at the previous factor (O(|Omega| k) per
-    step); with ``exact=True`` it solves the normal equations
-    (O(|Omega| k^2 + (m + n) k^3)). Whatever the mode, the last update of
-    ``(U, c)`` is exact, so that it is exactly the ridge fold-in of the rows.
+    step), more while the steps still lower the half-step objective by more
+    than ``cg_rtol`` times its value (see :func:`ridge_rows_cg`); with
+    ``exact=True`` it solves the normal equations (O(|Omega| k^2 + (m + n) k^3)).
+    Whatever the mode, the last update of ``(U, c)`` is exact, so that it is
+    exactly the ridge fold-in of the rows.
 
     Parameters
     ----------
@@ -324,9 +362,14 @@ def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5
     max_iter : int, default=50
         Maximum number of sweeps.
     tol : float, default=1e-5
-        Stop when the training RMSE changes by less than ``tol`` times itself.
+        Stop when the training RMSE changes by less than ``tol`` times itself,
+        or falls to the rounding level (100 eps times the RMS of the values).
     exact : bool, default=False
     n_cg_steps : int, default=2
+        Minimum number of CG steps per half-step.
+    cg_rtol : float or None, default=1e-2
+        Adaptive stopping of CG (see :func:`ridge_rows_cg`); None takes exactly
+        ``n_cg_steps`` steps.
     init : {"svd", "random"}, default="svd"
     offsets : bool, default=True
         Fit a per-row offset ``c`` and a per-column offset ``b``.
@@ -365,23 +408,30 @@ def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5
     def update_rows(U, c, V, b, exact):
         if not offsets:
             return _half_step(entries.by_row, entries.by_row_ones, entries.row_counts,
-                              V, None, U, alpha, exact, n_cg_steps, col_share), c
+                              V, None, U, alpha, exact, n_cg_steps, col_share,
+                              cg_rtol), c
         X = _half_step(entries.by_row, entries.by_row_ones, entries.row_counts, V, b,
                        torch.cat([U, c[:, None]], 1), alpha, exact, n_cg_steps,
-                       col_share)
+                       col_share, cg_rtol)
         return X[:, :rank], X[:, rank]
 
     def update_cols(U, c, V, b, exact):
         if not offsets:
             return _half_step(entries.by_col, entries.by_col_ones, entries.col_counts,
-                              U, None, V, alpha, exact, n_cg_steps, row_share), b
+                              U, None, V, alpha, exact, n_cg_steps, row_share,
+                              cg_rtol), b
         X = _half_step(entries.by_col, entries.by_col_ones, entries.col_counts, U, c,
                        torch.cat([V, b[:, None]], 1), alpha, exact, n_cg_steps,
-                       row_share)
+                       row_share, cg_rtol)
         return X[:, :rank], X[:, rank]
 
     result = CompletionResult(n_iter=0, converged=False)
     previous = None
+    # A training RMSE at the rounding level of the data has converged: its
+    # relative changes there are noise and would never fall below tol.
+    values = entries.by_row.values()
+    floor = float(_ROUNDOFF_FACTOR * torch.finfo(dtype).eps
+                  * torch.sqrt(torch.mean(values * values)))
     for sweep in range(1, max_iter + 1):
         V, b = update_cols(U, c, V, b, exact)
         U, c = update_rows(U, c, V, b, exact)
@@ -390,7 +440,9 @@ def alternating_minimization(entries, rank, *, alpha=1e-3, max_iter=50, tol=1e-5
         result.n_iter = sweep
         if callback is not None:
             callback(sweep, rmse)
-        if previous is not None and abs(previous - rmse) <= tol * max(previous, 1e-300):
+        if rmse <= floor or (
+            previous is not None and abs(previous - rmse) <= tol * previous
+        ):
             result.converged = True
             break
         previous = rmse
