@@ -7,6 +7,7 @@ float64, so a float32 pipeline never silently doubles its memory.
 """
 
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ def cuda_available():
     return torch.cuda.is_available()
 
 
-def resolve_device(device="auto"):
+def resolve_device(device="auto", *, fallback=False):
     """Turn a device specification into a :class:`torch.device`.
 
     Parameters
@@ -44,6 +45,12 @@ def resolve_device(device="auto"):
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         ``"auto"`` picks the first CUDA device when one is available and the
         CPU otherwise.
+    fallback : bool, default=False
+        Where a CUDA device is asked for but not available, warn and return
+        the CPU instead of raising. For the methods of a fitted model, whose
+        attributes are NumPy: a model fitted with ``device="cuda"`` and
+        unpickled on a machine without CUDA still transforms and predicts
+        (as skorch's nets do).
 
     Returns
     -------
@@ -83,17 +90,19 @@ def resolve_device(device="auto"):
     if spec == "cpu":
         return torch.device("cpu")
     if not cuda_available():
-        raise ValueError(
-            f"device={device!r} was requested but CUDA is not available on this "
-            "machine; use device='cpu' or device='auto'."
-        )
-    resolved = torch.device(spec)
-    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device={device!r} was requested but only "
-            f"{torch.cuda.device_count()} CUDA device(s) are visible."
-        )
-    return resolved
+        problem = f"device={device!r} was requested but CUDA is not available on "
+        problem += "this machine"
+    elif (torch.device(spec).index or 0) >= torch.cuda.device_count():
+        problem = (f"device={device!r} was requested but only "
+                   f"{torch.cuda.device_count()} CUDA device(s) are visible")
+    else:
+        return torch.device(spec)
+    if fallback:
+        warnings.warn(
+            f"{problem}; computing on the CPU (set_params(device='cpu') or "
+            "device='auto' silences this).", UserWarning, stacklevel=3)
+        return torch.device("cpu")
+    raise ValueError(f"{problem}; use device='cpu' or device='auto'.")
 
 
 def device_name(device):

@@ -114,3 +114,44 @@ def test_read_only_arrays_convert_without_a_warning(recwarn):
     assert not [w for w in recwarn if "writable" in str(w.message)]
     tensor[0, 0] = -1.0  # the tensor owns its memory; the input is untouched
     assert X[0, 0] == 0.0
+
+
+def _fitted_models():
+    from skreg.completion import LowRankCompleter
+    from skreg.decomposition import OrthogonalDictionaryLearning
+    from skreg.ordinal import PrestoClassifier
+    from skreg.transport import SparseOTTransport
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(40, 4)
+    y = np.digitize(X[:, 0] + 0.5 * rng.randn(40), [-0.5, 0.5])
+    M = X[:, :2] @ rng.randn(2, 8)
+    M[rng.rand(*M.shape) < 0.3] = np.nan
+    # (estimator, fit arguments, data to predict on, methods)
+    return [
+        (OrthogonalDictionaryLearning(random_state=0, device="cpu"), (X,), {}, X,
+         ("transform", "inverse_transform", "score")),
+        (PrestoClassifier(device="cpu"), (X, y), {}, X, ("predict_proba", "predict")),
+        (LowRankCompleter(rank=2, tol=1e-3, random_state=0, device="cpu"), (M,), {}, M,
+         ("transform",)),
+        (SparseOTTransport(max_nz=2, device="cpu"), (X,), {"X_target": X + 1.0}, X,
+         ("transform", "inverse_transform")),
+    ]
+
+
+def test_a_model_fitted_on_cuda_predicts_on_a_machine_without_it(monkeypatch):
+    # Fitted attributes are NumPy: a model fitted with device="cuda" and
+    # unpickled where there is no CUDA must still predict (it raised).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for model, args, kwargs, X, methods in _fitted_models():
+        model.fit(*args, **kwargs)
+        expected = {name: getattr(model, name)(X) for name in methods}
+        moved = pickle.loads(pickle.dumps(model))
+        moved.device = "cuda"  # as if fitted there
+        for name in methods:
+            with pytest.warns(UserWarning, match="computing on the CPU"):
+                got = getattr(moved, name)(X)
+            np.testing.assert_allclose(got, expected[name], rtol=1e-12, atol=1e-12)
+        # Fitting still asks for the device it names.
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            moved.fit(*args, **kwargs)

@@ -422,7 +422,7 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 f"rows, cols and values must be 1-d of the same length, got "
                 f"shapes {rows.shape}, {cols.shape} and {values.shape}."
             )
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, fallback=True)
         rows_t, cols_t, values_t = self._tensors(rows, cols, values, device)
         V = torch.as_tensor(self.components_.T.copy(), device=device)
         means = torch.as_tensor(self.mean_, device=device)

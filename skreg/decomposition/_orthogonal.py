@@ -347,7 +347,7 @@ class OrthogonalDictionaryLearning(
         return self
 
     def _codes(self, X):
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, fallback=True)
         Y = to_tensor(X, device)
         A = to_tensor(self.components_, device, dtype=Y.dtype)
         Z = (Y - to_tensor(self.mean_, device, dtype=Y.dtype)) @ A.T
@@ -414,7 +414,7 @@ class OrthogonalDictionaryLearning(
                 f"X has {X.shape[1]} features (codes), but "
                 f"{type(self).__name__} has {n_components} components."
             )
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, fallback=True)
         codes = to_tensor(X, device)
         A = to_tensor(self.components_, device, dtype=codes.dtype)
         mean = to_tensor(self.mean_, device, dtype=codes.dtype)
@@ -443,7 +443,7 @@ class OrthogonalDictionaryLearning(
         """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, fallback=True)
         Y = to_tensor(X, device)
         A = to_tensor(self.components_, device, dtype=Y.dtype)
         centered = Y - to_tensor(self.mean_, device, dtype=Y.dtype)

@@ -132,7 +132,7 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
     def _cumulative_logits(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, fallback=True)
         X_t = to_tensor(X, device)
         coef = to_tensor(np.atleast_2d(self.coef_), device, dtype=X_t.dtype)
         intercept = to_tensor(self.intercept_, device, dtype=X_t.dtype)

@@ -269,7 +269,7 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         return images.astype(X.dtype, copy=False)
 
     def _move(self, X, reference, images):
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, fallback=True)
         X_t = to_tensor(X, device)
         ref_t = to_tensor(reference, device, dtype=X_t.dtype)
         nearest = to_numpy(_nearest(X_t, ref_t))
