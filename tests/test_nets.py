@@ -319,6 +319,17 @@ def test_set_params_replaces_a_named_regularizer_and_round_trips_get_params(iris
     assert net.regularizers_[0][1].strength == 0.7
 
 
+def test_set_params_of_the_regularizer_list_reaches_a_later_partial_fit(iris):
+    X, y = iris
+    net = _net(max_epochs=1, regularizers=[SoftOrthogonality(0.0)]).fit(X, y)
+    assert net.history[-1, "train_penalty"] == 0.0
+    # The new list trains from the next partial_fit on (it kept the old one).
+    net.set_params(regularizers=[SoftOrthogonality(10.0)])
+    assert net.regularizers_[0][1].strength == 10.0
+    net.partial_fit(X, y)
+    assert net.history[-1, "train_penalty"] > 0.0
+
+
 def test_grid_search_swaps_whole_regularizer_objects(iris):
     X, y = iris
     net = _net(max_epochs=1, regularizers=[("a", SoftOrthogonality(0.1))])

@@ -205,6 +205,11 @@ class _RegularizedNetMixin:
                 super().set_params(**params)
         else:
             super().set_params(**params)
+        if "regularizers" in params and hasattr(self, "regularizers_"):
+            # A later partial_fit (or warm fit) trains with what regularizers_
+            # holds: the new list, fresh.
+            self.regularizers_ = [(name, clone(reg)) for name, reg in
+                                  _named_regularizers(self.regularizers)]
         if routed:
             self._set_regularizer_params(routed)
         return self
