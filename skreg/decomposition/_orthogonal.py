@@ -426,8 +426,10 @@ class OrthogonalDictionaryLearning(
         The quantity ``"msp"`` and ``"frank_wolfe"`` maximize: higher means
         sparser (spikier) projections. It ignores ``transform_algorithm`` and
         ``transform_alpha``, and values for different ``power`` are not
-        comparable. Present so that model selection and ``dask_ml``'s
-        ``Incremental`` work without a scorer.
+        comparable, nor are values for different ``n_components`` (each atom
+        adds a term: a grid over ``n_components`` would pick the largest).
+        Present so that model selection and ``dask_ml``'s ``Incremental`` work
+        without a scorer.
 
         Parameters
         ----------
