@@ -312,8 +312,9 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 f"LowRankCompleter stopped after max_iter={self.max_iter} sweeps "
                 f"with the training RMSE still changing by more than tol="
                 f"{self.tol:g} times itself (last RMSE "
-                f"{result.rmse_history[-1]:.3g}). Increase max_iter or tol; for a "
-                "matrix that is not centered, center=True also helps.",
+                f"{result.rmse_history[-1]:.3g}). Increase max_iter or tol"
+                + ("." if self.center else "; for a matrix that is not centered, "
+                   "center=True also helps."),
                 ConvergenceWarning, stacklevel=4,
             )
         self.components_ = to_numpy(V.T).copy()

@@ -206,7 +206,8 @@ class PrestoClassifier(CumulativeLogitMixin):
     See Also
     --------
     PrestoClassifierCV : chooses ``alpha`` by cross-validation.
-    ProportionalOddsClassifier : the ``alpha -> inf`` limit.
+    ProportionalOddsClassifier : the ``alpha -> inf`` limit with
+        ``penalize_first=False`` (with the default, every slope shrinks to 0).
 
     Notes
     -----

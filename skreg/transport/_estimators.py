@@ -355,7 +355,7 @@ class SparseOTDomainAdaptationClassifier(MetaEstimatorMixin, ClassifierMixin,
     tol : float, default=1e-9
     repair : bool or "full", default=True
     device : str or torch.device, default="auto"
-        These seven are passed to the :class:`SparseOTTransport`, whose
+        These nine are passed to the :class:`SparseOTTransport`, whose
         documentation describes them.
 
     Attributes
