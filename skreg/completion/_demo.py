@@ -28,8 +28,8 @@ def run_demo(device, quick):
     X = X.copy()
     X[np.random.RandomState(0).rand(*X.shape) < 0.5] = np.nan
     pipe = Pipeline([
-        ("complete", LowRankCompleter(alpha=10.0, max_iter=100, tol=1e-3, random_state=0,
-                                      device=device)),
+        ("complete", LowRankCompleter(alpha=10.0, max_iter=100, tol=1e-3,
+                                      random_state=0, device=device)),
         ("scale", StandardScaler()),
         ("clf", LogisticRegression(C=0.1, max_iter=500)),
     ])
