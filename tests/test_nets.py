@@ -553,3 +553,42 @@ def test_group_sparsity_and_prune_reject_a_negative_or_nan_tol(iris, tol):
         net.group_sparsity(tol=tol)
     with pytest.raises(ValueError, match="tol"):
         net.module_.prune(tol=tol)
+
+
+def test_values_beyond_float32_raise_naming_x_or_y_instead_of_nan(iris):
+    # The module computes in float32: 1e39 casts to inf, and the fit used to
+    # "succeed" and predict NaN probabilities.
+    X, y = iris
+    with pytest.raises(ValueError, match="X has values beyond float32"):
+        _net(max_epochs=1).fit(X * 1e39, y)
+    net = _net(max_epochs=1).fit(X, y)
+    with pytest.raises(ValueError, match="X has values beyond float32"):
+        net.predict_proba(X * 1e39)
+    Xr, yr = make_regression(n_samples=40, n_features=3, random_state=0)
+    with pytest.raises(ValueError, match="y has values beyond float32"):
+        RegularizedNetRegressor(max_epochs=1, device="cpu").fit(Xr, yr * 1e39)
+
+
+def test_an_output_that_overflows_float32_raises_instead_of_nan():
+    X, y = make_regression(n_samples=40, n_features=10, random_state=0)
+    net = RegularizedNetRegressor(max_epochs=1, device="cpu", random_state=0)
+    net.fit(X, y / 100)
+    # Finite in float32, but aligned with the weights of the hidden unit of
+    # largest l1 norm (above 1.2 here) so that its pre-activation overflows.
+    first = next(m for m in net.module_.modules() if isinstance(m, nn.Linear))
+    weight = first.weight.detach().numpy().astype(np.float64)
+    unit = np.abs(weight).sum(axis=1).argmax()
+    assert np.abs(weight[unit]).sum() > 1.2
+    x = 3e38 * np.sign(weight[unit])
+    assert np.isfinite(x.astype(np.float32)).all()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        net.predict(x[None, :])
+
+
+def test_a_diverged_fit_raises_instead_of_keeping_useless_weights():
+    # y of 1e30 gives an infinite squared loss in float32: the weights never
+    # move, and the fit used to return quietly.
+    X, y = make_regression(n_samples=40, n_features=3, random_state=0)
+    with pytest.raises(ValueError, match="diverged"):
+        RegularizedNetRegressor(max_epochs=2, device="cpu", random_state=0).fit(
+            X, y * 1e30)

@@ -37,6 +37,19 @@ _INPUT_KEY = "X"
 _INDEX_KEY = "sample_index"
 
 
+def _as_float32(values, name):
+    """``values`` as a C-contiguous float32 array, or a ValueError where the
+    cast overflows (the module computes in float32)."""
+    with np.errstate(over="ignore"):
+        out = np.require(values, dtype=np.float32, requirements=["C", "W"])
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"{name} has values beyond float32's range (about 3.4e38 in absolute "
+            f"value); the nets compute in float32. Rescale {name}, e.g. with "
+            "StandardScaler.")
+    return out
+
+
 class _ArrayBatches(torch.utils.data.Dataset):
     """Arrays served a whole batch per fetch (one fancy index per batch instead of
     one Python call and one tensor per sample, which dominate small nets).
@@ -397,7 +410,7 @@ class _RegularizedNetMixin:
 
     def _check_X(self, X, reset):
         X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
-        return np.require(X, dtype=np.float32, requirements=["C", "W"])
+        return _as_float32(X, "X")
 
     def _train(self, X, y, rng, routing_method, fit_params):
         """Run skorch's training loop on validated float32 ``X`` and encoded ``y``."""
@@ -433,15 +446,32 @@ class _RegularizedNetMixin:
         # A warm refit keeps the module, so its inputs and outputs must not change.
         warm = reset and self.warm_start and self.__sklearn_is_fitted__()
         X, y = self._validate_fit_data(X, y, reset and not warm, classes, warm=warm)
-        X = np.require(X, dtype=np.float32, requirements=["C", "W"])
+        X = _as_float32(X, "X")
         rng = check_random_state(self.random_state)
-        return self._train(X, y, rng, routing_method, fit_params)
+        self._train(X, y, rng, routing_method, fit_params)
+        # skorch trains on whatever the loss gives: a diverged run would
+        # otherwise predict NaN, or keep its initial weights (an infinite
+        # loss), without a word.
+        loss = self.history[-1, "train_loss"] if len(self.history) else 0.0
+        if not (np.isfinite(loss) and all(bool(torch.isfinite(p).all())
+                                           for p in self.module_.parameters())):
+            raise ValueError(
+                f"{type(self).__name__} diverged: the training loss or the "
+                "module's weights became NaN or infinite. Lower lr, or scale X "
+                "and (for a regressor) y, e.g. with StandardScaler.")
+        return self
 
     def _forward_numpy(self, X):
         # torch's DataLoader draws a seed from the global generator even when it
         # does not shuffle; prediction should not move it.
         with self._on_device(), torch.random.fork_rng(devices=[]):
-            return super().predict_proba(X)
+            out = super().predict_proba(X)
+        if not np.isfinite(out).all():
+            raise ValueError(
+                "The module's output is NaN or infinite on this X: it computes in "
+                "float32, which X's values overflowed. Scale X as the training "
+                "data were scaled (e.g. with StandardScaler).")
+        return out
 
     def group_sparsity(self, tol=0.0):
         """Fraction of exactly-zero unit groups in each layer.
@@ -779,7 +809,7 @@ class RegularizedNetRegressor(_RegularizedNetMixin, NeuralNetRegressor):
     def _validate_fit_data(self, X, y, reset, classes, warm=False):
         X, y = validate_data(self, X, y, reset=reset, multi_output=True,
                              y_numeric=True, dtype=[np.float64, np.float32])
-        y = np.asarray(y, dtype=np.float32)
+        y = _as_float32(y, "y")
         n_outputs = 1 if y.ndim == 1 else y.shape[1]
         if reset:
             self.n_outputs_ = n_outputs
