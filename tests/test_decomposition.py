@@ -13,6 +13,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from skreg._device import torch_generator
 from skreg.datasets import make_orthogonal_sparse_data
 from skreg.decomposition import OrthogonalDictionaryLearning, dictionary_recovery
 from skreg.decomposition._solver import (
@@ -373,3 +374,90 @@ def test_unfitted_transform_raises_not_fitted():
 
     with pytest.raises(NotFittedError):
         OrthogonalDictionaryLearning().transform(np.ones((2, 2)))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype, exponent", [(np.float32, 40), (np.float32, -40),
+                                             (np.float64, -500)])
+def test_data_scaled_by_a_power_of_two_give_the_same_dictionary_exactly(
+    algorithm, dtype, exponent
+):
+    # |y a|^3 used to overflow (float32 at 2^40 = 1e12: LinAlgError from the
+    # SVD) or underflow to a zero gradient (2^-40, 2^-500: the random start
+    # came back, recovery 0). The solvers work at unit scale now.
+    Y, D, _ = make_orthogonal_sparse_data(300, 5, sparsity=0.2, random_state=0)
+    Y = Y.astype(dtype)
+    scale = 2.0**exponent
+
+    def fit(data, alpha):
+        return OrthogonalDictionaryLearning(algorithm=algorithm, alpha=alpha,
+                                            max_iter=5, batch_size=64,
+                                            random_state=0, device="cpu").fit(data)
+
+    unit, scaled = fit(Y, 1.0), fit(Y * dtype(scale), scale)
+    assert_array_equal(scaled.components_, unit.components_)
+    degree = 2 if algorithm == "procrustes" else 4
+    assert_allclose(scaled.objective_, unit.objective_ * scale**degree, rtol=1e-12)
+    assert scaled.score(Y * dtype(scale)) == pytest.approx(
+        unit.score(Y) * scale**4, rel=1e-5)
+
+
+def test_partial_fit_stream_scaled_by_a_power_of_two_gives_the_same_dictionary():
+    # The chunks' scales differ, so the gradient average is rescaled between
+    # them: exactly, by powers of two.
+    Y = make_orthogonal_sparse_data(300, 5, sparsity=0.2, random_state=0)[0]
+    Y = Y.astype(np.float32)
+    streams = []
+    for scale in [1.0, 2.0**40]:
+        odl = OrthogonalDictionaryLearning(batch_size=32, random_state=0,
+                                           device="cpu")
+        for chunk in np.split(Y * np.float32(scale), [64, 96, 200]):
+            odl.partial_fit(chunk)
+        streams.append(odl)
+    assert_array_equal(streams[1].components_, streams[0].components_)
+    assert_allclose(streams[1].objective_, streams[0].objective_ * 2.0**160,
+                    rtol=1e-12)
+
+
+def test_a_zero_chunk_first_does_not_move_the_random_start():
+    # The gradient average of zero samples is zero, whose polar factor is
+    # whatever the SVD makes of it; the step used to pull the dictionary
+    # towards it (here near the identity).
+    odl = OrthogonalDictionaryLearning(random_state=0, device="cpu")
+    odl.partial_fit(np.zeros((4, 5)))
+    start = random_orthogonal(5, 5, generator=torch_generator(
+        np.random.RandomState(0), "cpu"), dtype=torch.float64, device="cpu")
+    assert_array_equal(odl.components_, start.numpy())
+    assert_array_equal(odl.objective_, [0.0])
+
+
+def test_a_threshold_above_every_code_gives_half_the_mean_squared_norm():
+    # alpha**2 used to raise OverflowError from Python's float power.
+    Y = np.random.RandomState(0).standard_normal((20, 4))
+    odl = OrthogonalDictionaryLearning(algorithm="procrustes", alpha=1e200,
+                                       max_iter=2, device="cpu").fit(Y)
+    assert_allclose(odl.objective_, 0.5 * np.mean(np.sum(Y**2, axis=1)))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: OrthogonalDictionaryLearning(device="cpu").fit(
+            np.random.RandomState(0).standard_normal((20, 4)) * 1e100),
+         "objective of X overflows float64"),
+        (lambda: _fitted().score(np.full((2, 4), 1e100)),
+         "objective of X overflows float64"),
+        (lambda: _fitted().transform(np.full((2, 4), 3.3e38, dtype=np.float32)),
+         "codes of this X overflow float32"),
+        (lambda: _fitted().set_params(transform_algorithm="none")
+         .inverse_transform(np.full((2, 4), 3.3e38, dtype=np.float32)),
+         "samples of this X overflow float32"),
+        (lambda: OrthogonalDictionaryLearning(center=True, device="cpu").fit(
+            np.array([[1.7e308, 1.0], [1.7e308, 1.0], [-1.7e308, 1.0]])),
+         "X minus mean_ overflows"),
+    ],
+    ids=["fit objective", "score", "transform", "inverse_transform", "centering"],
+)
+def test_results_beyond_the_float_range_raise_instead_of_inf(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

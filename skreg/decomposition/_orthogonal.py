@@ -1,5 +1,6 @@
 """Orthogonal dictionary learning: batch (MSP, Procrustes) and online Frank-Wolfe."""
 
+import math
 import numbers
 
 import numpy as np
@@ -21,6 +22,7 @@ from .._device import (
     torch_dtype,
     torch_generator,
 )
+from ..utils._scaling import power_of_two_exponent, times_power_of_two
 from ._solver import (
     frank_wolfe,
     frank_wolfe_step,
@@ -31,9 +33,60 @@ from ._solver import (
     procrustes,
     random_orthogonal,
     soft_threshold,
+    unit_rows,
 )
 
 _DEFAULT_MAX_ITER = {"msp": 100, "procrustes": 100, "frank_wolfe": 1}
+
+
+def _mean(Y):
+    # Relative to a power of two above the largest entry (exact): the sum of
+    # many rows near the float limit would overflow.
+    exponent = power_of_two_exponent(Y.abs().amax())
+    if exponent is None:
+        return Y.mean(dim=0)
+    return times_power_of_two(times_power_of_two(Y, -exponent).mean(dim=0), exponent)
+
+
+def _at_unit_scale(Y, mean):
+    """``Y - mean`` at unit scale and the scale's exponent (see ``unit_rows``)."""
+    U, exponent = unit_rows(Y - mean)
+    if not U.isfinite().all():
+        raise ValueError(
+            "X minus mean_ overflows the float range. Divide X by a constant: "
+            "the dictionary does not change."
+        )
+    return U, exponent
+
+
+def _in_data_units(values, exponent, degree):
+    """Objective values computed at unit scale, in X's units (float64)."""
+    values = to_numpy(values).astype(np.float64)
+    if exponent is None:
+        return values
+    # 2^(exponent * degree), exact for an integer degree; beyond +-2200 the
+    # result is 0 or inf anyway.
+    shift = exponent * degree
+    whole = int(np.clip(np.floor(shift), -2200, 2200))
+    with np.errstate(over="ignore"):
+        values = np.ldexp(values * 2.0 ** (shift - np.floor(shift)), whole)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            "The objective of X overflows float64: X's rows reach a norm of "
+            f"about 1e{round(exponent * math.log10(2))}, and the objective grows "
+            f"as its power {degree}. "
+            "Divide X by a constant: the dictionary does not change."
+        )
+    return values
+
+
+def _finite(out, what):
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"The {what} of this X overflow {out.dtype}'s range. Divide X by a "
+            "constant (and the codes or samples by the same one)."
+        )
+    return out
 
 
 class OrthogonalDictionaryLearning(
@@ -114,7 +167,9 @@ class OrthogonalDictionaryLearning(
         increasing) and ``"procrustes"`` (penalized squared residual per sample,
         decreasing), per pass for ``"frank_wolfe"``, and one value per
         Frank-Wolfe step appended by each :meth:`partial_fit` (the batch's mean
-        l_p value before the step).
+        l_p value before the step). Float64, in the units of the data (the
+        solvers work at unit scale: a ``ValueError`` where the objective
+        overflows float64).
     n_samples_seen_ : int
         Samples used so far (the running mean of :meth:`partial_fit` needs it).
     n_features_in_ : int
@@ -241,8 +296,10 @@ class OrthogonalDictionaryLearning(
         max_iter = self.max_iter or _DEFAULT_MAX_ITER[self.algorithm]
 
         Y = to_tensor(X, device)
-        mean = Y.mean(dim=0) if self.center else torch.zeros_like(Y[0])
-        Y = Y - mean
+        mean = _mean(Y) if self.center else torch.zeros_like(Y[0])
+        # The solvers run at unit scale (see unit_rows); the dictionary does not
+        # depend on it, the objective is reported in X's units.
+        Y, exponent = _at_unit_scale(Y, mean)
         A = random_orthogonal(n_components, n_features, generator=generator,
                               dtype=Y.dtype, device=device)
         if self.algorithm == "frank_wolfe":
@@ -252,13 +309,20 @@ class OrthogonalDictionaryLearning(
                 verbose=self.verbose,
             )
             n_steps = result.n_steps
+            degree = self.power
         else:
             if self.algorithm == "msp":
                 A, result = msp(Y, A, power=self.power, max_iter=max_iter,
                                 tol=self.tol, verbose=self.verbose)
+                degree = self.power
             else:
-                A, result = procrustes(Y, A, alpha=self.alpha, max_iter=max_iter,
+                # Codes are at most 1 at unit scale: a threshold from 1 on
+                # zeroes them all, and need not overflow to say so.
+                alpha = 1.0 if exponent is None else min(
+                    times_power_of_two(self.alpha, -exponent), 1.0)
+                A, result = procrustes(Y, A, alpha=alpha, max_iter=max_iter,
                                        tol=self.tol, verbose=self.verbose)
+                degree = 2
             # Leave the online state that streaming the same passes would leave,
             # so partial_fit continues from the fit instead of restarting with
             # large steps: the exact gradient average at the fitted dictionary and
@@ -266,12 +330,14 @@ class OrthogonalDictionaryLearning(
             G, _ = lp_gradient(A, Y, self.power)
             n_steps = result.n_iter * -(-n_samples // self.batch_size)
 
+        self.objective_ = _in_data_units(result.objective, exponent, degree)
         self.components_ = to_numpy(A)
         self.mean_ = to_numpy(mean)
+        # In units of 2^_exponent, the largest row norm seen (see partial_fit).
         self._gradient_average = to_numpy(G)
+        self._exponent = exponent
         self.n_iter_ = result.n_iter
         self.n_steps_ = n_steps
-        self.objective_ = to_numpy(result.objective)
         self.n_samples_seen_ = n_samples
         return self
 
@@ -312,10 +378,11 @@ class OrthogonalDictionaryLearning(
             self.components_ = to_numpy(A)
             self.mean_ = np.zeros(n_features, dtype=X.dtype)
             self._gradient_average = None
+            self._exponent = None
             self.n_iter_ = 0
             self.n_steps_ = 0
             self.n_samples_seen_ = 0
-            self.objective_ = np.empty(0, dtype=X.dtype)
+            self.objective_ = np.empty(0, dtype=np.float64)
 
         dtype = self.components_.dtype
         Y = to_tensor(X, device, dtype=dtype)
@@ -325,8 +392,18 @@ class OrthogonalDictionaryLearning(
         mean = to_tensor(self.mean_, device, dtype=dtype)
         if self.center:
             seen = self.n_samples_seen_
-            mean = mean + (Y.mean(dim=0) - mean) * (n_samples / (seen + n_samples))
-        Y = Y - mean
+            mean = mean + (_mean(Y) - mean) * (n_samples / (seen + n_samples))
+        # The steps run in units of the largest row norm seen so far, the unit
+        # of the gradient average: a chunk of larger rows rescales the average,
+        # a chunk of smaller ones is rescaled (see unit_rows).
+        Y, exponent = _at_unit_scale(Y, mean)
+        seen = self._exponent
+        if exponent is None or (seen is not None and seen > exponent):
+            if exponent is not None:
+                Y = times_power_of_two(Y, exponent - seen)
+            exponent = seen
+        elif G is not None and seen is not None and exponent > seen:
+            G = times_power_of_two(G, self.power * (seen - exponent))
 
         objectives = []
         t = self.n_steps_
@@ -336,14 +413,14 @@ class OrthogonalDictionaryLearning(
                                        power=self.power)
             objectives.append(f)
 
+        objectives = _in_data_units(torch.stack(objectives), exponent, self.power)
         self.components_ = to_numpy(A)
         self._gradient_average = to_numpy(G)
+        self._exponent = exponent
         self.mean_ = to_numpy(mean)
         self.n_steps_ = t
         self.n_samples_seen_ += n_samples
-        self.objective_ = np.concatenate(
-            [self.objective_, to_numpy(torch.stack(objectives))]
-        )
+        self.objective_ = np.concatenate([self.objective_, objectives])
         return self
 
     def _codes(self, X):
@@ -355,7 +432,7 @@ class OrthogonalDictionaryLearning(
             Z = hard_threshold(Z, self.transform_alpha)
         elif self.transform_algorithm == "soft":
             Z = soft_threshold(Z, self.transform_alpha)
-        return to_numpy(Z)
+        return _finite(to_numpy(Z), "codes")
 
     def transform(self, X):
         """Sparse codes of ``X``: thresholded projections on the atoms.
@@ -418,7 +495,7 @@ class OrthogonalDictionaryLearning(
         codes = to_tensor(X, device)
         A = to_tensor(self.components_, device, dtype=codes.dtype)
         mean = to_tensor(self.mean_, device, dtype=codes.dtype)
-        return to_numpy(codes @ A + mean)
+        return _finite(to_numpy(codes @ A + mean), "samples")
 
     def score(self, X, y=None):
         """Mean l_p objective ``||components_ (x - mean_)||_p^p`` over the samples.
@@ -448,8 +525,10 @@ class OrthogonalDictionaryLearning(
         device = resolve_device(self.device, fallback=True)
         Y = to_tensor(X, device)
         A = to_tensor(self.components_, device, dtype=Y.dtype)
-        centered = Y - to_tensor(self.mean_, device, dtype=Y.dtype)
-        return float(lp_objective(A, centered, self.power))
+        Y, exponent = _at_unit_scale(Y, to_tensor(self.mean_, device,
+                                                  dtype=Y.dtype))
+        return float(_in_data_units(lp_objective(A, Y, self.power), exponent,
+                                    self.power))
 
     @property
     def _n_features_out(self):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from skreg.utils._scaling import power_of_two_exponent, times_power_of_two
+
 logger = logging.getLogger("skreg.decomposition")
 
 # The convergence test reads a scalar back from the device; doing it every few
@@ -66,6 +68,28 @@ def random_orthogonal(n_components, n_features, *, generator, dtype, device):
     signs = torch.sign(torch.diagonal(R))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return (Q * signs).T.contiguous()
+
+
+def unit_rows(Y):
+    """``Y`` scaled to rows of norm at most 1, and the scale's exponent.
+
+    Returns ``(Y * 2^-e, e)`` with ``e`` the smallest integer such that the
+    largest row norm is at most ``2^e``; ``e`` is None for a zero ``Y``.
+    The dictionaries the solvers return do not change when the data are scaled
+    (the polar factor ignores a positive factor; the Procrustes threshold scales
+    with the data), but ``|y a|^(p-1)`` leaves the floating-point range long
+    before the data do: at ``p = 4``, float32 data of magnitude 1e10 overflowed
+    and data of 1e-12 underflowed to a zero gradient. Rows of norm at most 1
+    give codes of magnitude at most 1, whatever ``p``. A power of two scales
+    exactly, so results do not depend on how a stream is chunked; the norm is
+    taken after scaling by the largest entry, so it cannot overflow on its way.
+    """
+    exponent = power_of_two_exponent(Y.abs().amax())
+    if exponent is None:
+        return Y, None
+    Y = times_power_of_two(Y, -exponent)
+    shift = power_of_two_exponent(torch.linalg.vector_norm(Y, dim=1).amax())
+    return times_power_of_two(Y, -shift), exponent + shift
 
 
 def _signed_power(Z, power):
@@ -267,7 +291,10 @@ def frank_wolfe_step(A, G, Y, t, *, power=4):
     g, f = lp_gradient(A, Y, power)
     G = g if G is None or rho >= 1.0 else torch.lerp(G, g, rho)
     S = polar_factor(G)
-    return polar_factor(torch.lerp(A, S, gamma)), G, f
+    # A zero average (only zero samples so far) points nowhere: its polar factor
+    # is whatever the SVD makes of zero, and the step would pull A towards it.
+    A = torch.where(G.abs().amax() > 0, polar_factor(torch.lerp(A, S, gamma)), A)
+    return A, G, f
 
 
 def frank_wolfe(Y, A, *, power=4, batch_size=256, max_iter=1, tol=1e-6,
