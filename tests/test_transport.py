@@ -1637,6 +1637,16 @@ def test_massless_rows_and_columns_receive_nothing():
     res = sparsity_constrained_ot(a, b, C, 2, 1.0)
     assert res.plan[[1, 4]].sum() == 0 and res.plan[:, 2].sum() == 0
     assert res.marginal_error <= 1e-9
+    # The others' potentials are those of the problem without the massless
+    # entries; the massless ones are the c-transforms (finite: a massless
+    # row's placeholder used to make every beta -inf).
+    rows, cols = a > 0, b > 0
+    alone = sparsity_constrained_ot(a[rows], b[cols], C[rows][:, cols], 2, 1.0)
+    np.testing.assert_allclose(res.alpha[rows], alone.alpha, atol=1e-12)
+    np.testing.assert_allclose(res.beta[cols], alone.beta, atol=1e-12)
+    np.testing.assert_allclose(res.beta[2], (C[rows, 2] - alone.alpha).min())
+    np.testing.assert_allclose(res.alpha[[1, 4]],
+                               (C[[1, 4]] - res.beta[None, :]).min(axis=1))
 
 
 def test_a_missed_marginal_raises_a_convergence_warning():
@@ -2168,3 +2178,107 @@ def test_grid_search_over_a_pipeline_routes_x_target():
     assert search.best_score_ >= 0.9
     fitted = search.best_estimator_[-1]
     assert fitted.transport_.target_.shape == Xt.shape
+
+
+def test_transport_on_clouds_far_from_the_origin_equals_the_centred_one():
+    # torch.cdist's matrix-product formula cancelled 1e8 away from the origin:
+    # squared distances off by 10, another plan, images off by 1.9.
+    rng = np.random.RandomState(0)
+    Xs, Xt = rng.randn(40, 2), rng.randn(30, 2) + 3.0
+    ref = SparseOTTransport(device="cpu").fit(Xs, X_target=Xt)
+    far = SparseOTTransport(device="cpu").fit(Xs + 1e8, X_target=Xt + 1e8)
+    np.testing.assert_allclose(far.plan_, ref.plan_, atol=1e-9)
+    np.testing.assert_allclose(far.transport_cost_, ref.transport_cost_, rtol=1e-6)
+    np.testing.assert_allclose(far.transform(Xs[:5] + 1e8) - 1e8,
+                               ref.transform(Xs[:5]), atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cityblock"])
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+def test_transport_of_data_scaled_to_the_float_limits_is_the_same(metric, scale):
+    # Squared distances underflowed to zero at 1e-300 (an arbitrary plan, the
+    # transported mean off by 1.2 scaled units; transform's nearest samples
+    # all the first) and overflowed at 1e300 ("C contains NaN or infinite
+    # values", a name the caller never passed).
+    rng = np.random.RandomState(0)
+    Xs, Xt = rng.randn(12, 2), rng.randn(10, 2) + 3.0
+    ref = SparseOTTransport(metric=metric, device="cpu").fit(Xs, X_target=Xt)
+    fit = SparseOTTransport(metric=metric, device="cpu").fit
+    if metric == "sqeuclidean" and scale > 1:
+        with pytest.raises(ValueError, match="alpha_ overflows float64.*Divide X"):
+            fit(Xs * scale, X_target=Xt * scale)
+        return
+    est = fit(Xs * scale, X_target=Xt * scale)
+    np.testing.assert_allclose(est.transform(Xs * scale).mean(axis=0) / scale,
+                               Xt.mean(axis=0), atol=1e-8)
+    if metric != "sqeuclidean":  # whose cost, 1e-600, underflows to 0
+        np.testing.assert_allclose(est.transport_cost_ / scale,
+                                   ref.transport_cost_, rtol=1e-6)
+
+
+def test_absolute_gamma_beyond_the_float_range_of_the_costs_raises_naming_it():
+    rng = np.random.RandomState(0)
+    Xs, Xt = rng.randn(12, 2) * 1e-160, rng.randn(10, 2) * 1e-160
+    with pytest.raises(ValueError, match="gamma=1.0 is beyond the float range"):
+        SparseOTTransport(cost_normalization=None, device="cpu").fit(
+            Xs, X_target=Xt)
+
+
+def test_sample_weights_near_the_float_limit_are_normalized_without_overflow():
+    # Their sum overflowed to inf and every mass became 0: "a must have a
+    # positive total mass", naming the solver's argument.
+    rng = np.random.RandomState(0)
+    Xs, Xt = rng.randn(12, 2), rng.randn(10, 2) + 3.0
+    ref = SparseOTTransport(device="cpu").fit(Xs, X_target=Xt)
+    est = SparseOTTransport(device="cpu").fit(
+        Xs, X_target=Xt, sample_weight=np.full(12, 1.7e308),
+        target_weight=np.full(10, 1.7e308))
+    np.testing.assert_allclose(est.plan_, ref.plan_, atol=1e-12)
+
+
+def test_uniform_masses_and_a_tiny_gamma_get_a_plan_from_the_mixed_integer_program():
+    # 12 x 10 uniform masses at k = 2: no spanning tree fits (21 > 20
+    # nonzeros), but 6 rows match 5 columns, so a plan with two trees does.
+    # At gamma = 1e-10 median(C) the solves on the program's support stall;
+    # the plan used to be the read-out, 8e-2 off the marginals.
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(12, 2), rng.randn(10, 2) + 1)
+    C /= np.median(C)
+    a, b = np.full(12, 1 / 12), np.full(10, 1 / 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = sparsity_constrained_ot(a, b, C, 2, 1e-10)
+    assert res.repaired and res.marginal_error <= 1e-9
+    assert np.count_nonzero(res.plan, axis=0).max() <= 2
+    # Its cost is that of the same problem at a gamma the solves handle.
+    np.testing.assert_allclose(res.cost, sparsity_constrained_ot(a, b, C, 2, 1e-4).cost,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [1e-20, 1e-310])
+def test_a_gamma_below_float64_resolution_raises_naming_gamma(gamma):
+    # 1e-20 median(C) ended 0.63 off the marginals with a warning; 1e-310
+    # (subnormal) raised a bare OverflowError, and gave NaN plans at k = 1.
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(12, 2), rng.randn(10, 2) + 1)
+    C /= np.median(C)
+    a, b = np.full(12, 1 / 12), np.full(10, 1 / 10)
+    with pytest.raises(ValueError, match="gamma=.*too small|gamma must be at least"):
+        sparsity_constrained_ot(a, b, C, 2, gamma)
+
+
+def test_a_subnormal_gamma_raises_even_where_gamma_does_not_matter():
+    # At k = 1 gamma only adds a constant, but 1e-310 gave NaN plans.
+    C = np.random.RandomState(0).rand(10, 10)
+    a = np.full(10, 0.1)
+    with pytest.raises(ValueError, match="gamma must be at least"):
+        sparsity_constrained_ot(a, a, C, 1, 1e-310)
+
+
+def test_max_nz_one_is_exact_whatever_gamma():
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(10, 2), rng.randn(10, 2) + 1)
+    a = np.full(10, 0.1)
+    res = sparsity_constrained_ot(a, a, C, 1, 1e-300)
+    assert res.marginal_error == 0.0
+    np.testing.assert_allclose(res.cost, ot.emd2(a, a, C), rtol=1e-12)

@@ -1,5 +1,6 @@
 """Estimators built on sparsity-constrained optimal transport."""
 
+import math
 import numbers
 
 import numpy as np
@@ -28,6 +29,7 @@ from sklearn.utils.validation import (
 
 from skreg._device import resolve_device, to_numpy, to_tensor
 from skreg.transport._ot import sparsity_constrained_ot
+from skreg.utils._scaling import power_of_two_exponent, times_power_of_two
 
 __all__ = ["SparseOTDomainAdaptationClassifier", "SparseOTTransport"]
 
@@ -53,10 +55,51 @@ def _masses(weight, X, name):
     if (weight < 0).any() or weight.sum() <= 0:
         raise ValueError(
             f"{name} must be nonnegative and not all zero (a positive sum).")
+    # Relative to the largest first: the sum of weights near 1e308 overflows.
+    weight = weight / weight.max()
     return weight / weight.sum()
 
 
+def _to_unit(T):
+    exponent = power_of_two_exponent(T.abs().amax()) or 0
+    return times_power_of_two(T, -exponent), exponent
+
+
+def _unit_pair(X, Y):
+    """``X`` and ``Y`` about their joint mean, divided by one power of two to
+    entries of at most 1, and its exponent.
+
+    Distances between them are ``2^exponent`` times the originals: squared
+    distances of data beyond 1e154 no longer overflow, nor those below 1e-162
+    underflow to zero (an arbitrary plan), and ``torch.cdist``'s matrix-product
+    formula no longer cancels far from the origin (clouds 1e8 away from it got
+    squared distances wrong by 10, and another plan). Each step is exact but
+    the subtraction of the mean, which is computed at unit scale so that it
+    cannot overflow.
+    """
+    both, exponent = _to_unit(torch.cat([X, Y]))
+    both, shift = _to_unit(both - both.mean(dim=0))
+    return both[:len(X)], both[len(X):], exponent + shift
+
+
+def _in_cost_units(values, unit, exponent, dtype, name):
+    """``values * unit * 2^exponent`` in ``dtype``, or a ValueError where that
+    overflows (the solver's own infinities pass)."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        scaled = np.ldexp(values * unit, exponent).astype(dtype)
+    if (np.isinf(scaled) & np.isfinite(values)).any():
+        raise ValueError(
+            f"{name} overflows {np.dtype(dtype)}: the costs between X and "
+            f"X_target reach about 1e{round(exponent * math.log10(2))}. Divide X "
+            "and X_target by a constant (or use metric='euclidean' instead of "
+            "'sqeuclidean')."
+        )
+    return scaled
+
+
 def _nearest(X, reference):
+    X, reference, _ = _unit_pair(X, reference)
     return torch.cdist(X, reference).argmin(dim=1)
 
 
@@ -220,11 +263,28 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         # there are max_nz per target sample with mass.
         sources, targets = int(np.count_nonzero(a)), int(np.count_nonzero(b))
         self.max_nz_ = min(max(self.max_nz, -(-sources // targets)), X.shape[0])
-        Xs_t = to_tensor(X, device)
-        Xt_t = to_tensor(Xt, device)
+        # The cost at unit scale, C * 2^exponent in X's units.
+        Xs_t, Xt_t, exponent = _unit_pair(to_tensor(X, device),
+                                          to_tensor(Xt, device))
         C = _cost_matrix(Xs_t, Xt_t, self.metric)
-        scale = 1.0
-        if self.cost_normalization is not None:
+        if self.metric == "sqeuclidean":
+            exponent *= 2
+        scale, gamma = 1.0, self.gamma
+        if self.cost_normalization is None:
+            # gamma is in X's cost units: (C, gamma) and (t C, t gamma) have
+            # the same plan.
+            with np.errstate(over="ignore"):
+                gamma = float(np.ldexp(float(gamma), -exponent))
+            # A subnormal gamma overflows in the solver.
+            if not np.finfo(np.float64).tiny <= gamma < math.inf:
+                raise ValueError(
+                    f"gamma={self.gamma} is beyond the float range relative to "
+                    "the costs between X and X_target (about "
+                    f"1e{round(exponent * math.log10(2))}), which "
+                    "cost_normalization=None leaves unscaled. Use "
+                    "cost_normalization='median'."
+                )
+        else:
             reduce = torch.median if self.cost_normalization == "median" else (
                 torch.max)
             # Over the samples with mass: a sample of weight zero is as if
@@ -236,7 +296,7 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 # All samples coincide: every plan costs zero, any scale works.
                 scale = 1.0
         result = sparsity_constrained_ot(
-            a, b, C / scale, self.max_nz_, self.gamma,
+            a, b, C / scale, self.max_nz_, gamma,
             formulation=self.formulation, max_iter=self.max_iter, tol=self.tol,
             repair=self.repair, device=device)
         plan = result.plan
@@ -245,9 +305,11 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         self.target_ = Xt
         self.transported_source_ = self._images(X, Xt, self.plan_)
         self.transported_target_ = self._images(Xt, X, self.plan_.T)
-        self.alpha_ = to_numpy(result.alpha) * scale
-        self.beta_ = to_numpy(result.beta) * scale
-        self.transport_cost_ = float(result.cost) * scale
+        alpha, beta = to_numpy(result.alpha), to_numpy(result.beta)
+        self.alpha_ = _in_cost_units(alpha, scale, exponent, alpha.dtype, "alpha_")
+        self.beta_ = _in_cost_units(beta, scale, exponent, beta.dtype, "beta_")
+        self.transport_cost_ = float(_in_cost_units(
+            float(result.cost), scale, exponent, np.float64, "transport_cost_"))
         self.duality_gap_ = float(result.duality_gap)
         self.marginal_error_ = float(result.marginal_error)
         self.n_iter_ = int(result.n_iter)
