@@ -384,6 +384,62 @@ def test_float32_input_gives_float32_probabilities():
     assert clf.predict_proba(X.astype(np.float32)).dtype == np.float32
 
 
+@pytest.mark.parametrize("make", _UNPENALIZED[:2])
+@pytest.mark.parametrize("scale, dtype", [(1e-150, np.float64), (1e200, np.float64),
+                                          (1e-37, np.float32)])
+def test_fit_on_tiny_or_huge_features_is_the_fit_on_rescaled_ones(make, scale, dtype):
+    X, y, _, _ = _proportional_odds_data(100, seed=4)
+    reference = make().fit(X.astype(dtype), y)
+    clf = make().fit((X * scale).astype(dtype), y)
+    assert np.all(np.abs(clf.coef_) > 0)
+    np.testing.assert_allclose(clf.coef_ * scale, reference.coef_, rtol=1e-3,
+                               atol=1e-6)
+    np.testing.assert_allclose(clf.intercept_, reference.intercept_, rtol=1e-3,
+                               atol=1e-6)
+
+
+def test_coefficients_beyond_the_float32_range_raise():
+    X, y, _, _ = _proportional_odds_data(60, seed=4)
+    with pytest.raises(ValueError, match=r"non-finite coefficients \(in float32\)"):
+        ProportionalOddsClassifier(device="cpu").fit((X * 1e-40).astype(np.float32), y)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ProportionalOddsClassifier(device="cpu"),
+    lambda: PrestoClassifierCV(alphas=3, cv=2, device="cpu"),
+])
+def test_sample_weights_near_the_float64_maximum_act_as_unit_weights(make):
+    X, y, _, _ = _proportional_odds_data(60, seed=4)
+    huge = make().fit(X, y, sample_weight=np.full(60, 1e308))
+    unit = make().fit(X, y)
+    np.testing.assert_allclose(huge.coef_, unit.coef_, rtol=1e-10)
+    np.testing.assert_allclose(huge.intercept_, unit.intercept_, rtol=1e-10)
+
+
+def test_a_sample_weight_dwarfing_the_others_leaves_every_class_possible():
+    X, y, _, _ = _proportional_odds_data(60, seed=4)
+    weights = np.ones(60)
+    weights[np.flatnonzero(y == 1)[0]] = 1e300
+    clf = PrestoClassifier(device="cpu").fit(X, y, sample_weight=weights)
+    # the intercept-only fit: logits of the cumulative weighted class shares
+    shares = np.bincount(y, weights=weights / 1e300)
+    below, above = np.cumsum(shares)[:-1], np.cumsum(shares[::-1])[::-1][1:]
+    np.testing.assert_allclose(clf.intercept_, np.log(below) - np.log(above),
+                               rtol=1e-12)
+    assert np.all(np.isfinite(clf.predict_log_proba(X)))
+
+
+def test_probabilities_stay_valid_where_the_logits_overflow_float32():
+    X, y, _, _ = _proportional_odds_data(60, seed=4)
+    clf = PrestoClassifier(alpha=0.0, device="cpu").fit(X.astype(np.float32), y)
+    # X @ coef_ overflows to +inf (every cumulative logit) and to -inf
+    X_far = np.array([[3e38, -3e38, 0], [-3e38, 3e38, 0]], dtype=np.float32)
+    proba = clf.predict_proba(X_far)
+    np.testing.assert_array_equal(proba, [[1, 0, 0, 0], [0, 0, 0, 1]])
+    assert not np.isnan(clf.predict_log_proba(X_far)).any()
+    assert not np.isnan(clf.decision_function(X_far)).any()
+
+
 def test_cv_path_starts_where_every_penalized_coefficient_is_zero():
     X, y, _ = make_rare_ordinal(n_samples=300, n_features=4, random_state=15)
     cv = PrestoClassifierCV(alphas=6, cv=3, device="cpu").fit(X, y)

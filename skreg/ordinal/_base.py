@@ -87,6 +87,10 @@ def check_ordinal_weights(sample_weight, X, codes, classes):
     """Validate weights (non-negative, every class with positive total weight)."""
     weights = _check_sample_weight(sample_weight, X, dtype=np.float64,
                                    ensure_non_negative=True)
+    # relative to the largest weight first, so that the total cannot overflow
+    largest = weights.max(initial=0.0)
+    if largest > 0:
+        weights = weights / largest
     totals = np.bincount(codes, weights=weights, minlength=classes.size)
     empty = totals <= 0
     if empty.all() or np.count_nonzero(~empty) < 2:
@@ -106,15 +110,20 @@ def check_ordinal_weights(sample_weight, X, codes, classes):
 def standardization(X, weights, standardize):
     """Weighted mean and population standard deviation of each column.
 
-    Constant columns get a scale of 1 so they stay at zero after centring.
+    Computed on each column divided by its largest magnitude, so that features
+    of any scale (``1e-300`` as ``1e300``) neither underflow nor overflow. A
+    column whose spread is below ``1e-12`` of its magnitude is constant: it gets
+    a scale of 1 so it stays at zero after centring.
     """
     if not standardize:
         p = X.shape[1]
         return np.zeros(p), np.ones(p)
-    mean = weights @ X
-    scale = np.sqrt(weights @ np.square(X - mean))
-    scale[scale <= 1e-12 * np.maximum(np.abs(mean), 1.0)] = 1.0
-    return mean, scale
+    size = np.abs(X).max(0, initial=0.0)
+    size[size == 0] = 1.0
+    unit = X / size
+    mean = weights @ unit
+    scale = np.sqrt(weights @ np.square(unit - mean))
+    return mean * size, np.where(scale <= 1e-12, 1.0, scale * size)
 
 
 class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
@@ -245,14 +254,21 @@ class CumulativeLogitMixin(ClassifierMixin, BaseEstimator):
         return tags
 
 
-def check_finite_fit(coef, intercept, alpha=None):
-    """Raise instead of storing a fit whose coefficients are not all finite."""
+def finite_fit(coef, intercept, dtype, alpha=None):
+    """``(coef, intercept)`` cast to ``dtype``; raise where they are not all finite.
+
+    Checked after the cast: raw-scale coefficients of a tiny float32 feature
+    can exceed the float32 range.
+    """
+    with np.errstate(over="ignore"):
+        coef = coef.astype(dtype, copy=False)
+        intercept = intercept.astype(dtype, copy=False)
     if np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept)):
-        return
+        return coef, intercept
     at = "" if alpha is None else f" at alpha={alpha:.4g}"
     raise ValueError(
-        f"The fit{at} produced non-finite coefficients; check the scale of X and "
-        "of sample_weight, or use a larger alpha."
+        f"The fit{at} produced non-finite coefficients (in {np.dtype(dtype).name}); "
+        "check the scale of X and of sample_weight, or use a larger alpha."
     )
 
 

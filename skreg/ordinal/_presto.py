@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from skreg._device import to_numpy, to_tensor
 from skreg.ordinal._base import (
     CumulativeLogitMixin,
-    check_finite_fit,
+    finite_fit,
     solver_tolerance,
     standardization,
 )
@@ -303,9 +303,7 @@ class PrestoClassifier(CumulativeLogitMixin):
             warn_if_separable(problem, intercept, psi, free == "parallel",
                               _PRESTO_REMEDY)
         coef, intercept = problem.raw(intercept, psi)
-        check_finite_fit(coef, intercept, self.alpha)
-        self.coef_ = coef.astype(X.dtype, copy=False)
-        self.intercept_ = intercept.astype(X.dtype, copy=False)
+        self.coef_, self.intercept_ = finite_fit(coef, intercept, X.dtype, self.alpha)
         self.n_iter_ = result.n_iter
         self.objective_ = result.objective
         return self
@@ -528,8 +526,6 @@ class PrestoClassifierCV(CumulativeLogitMixin):
         if free is not None:
             warn_if_separable(full, *path[best], free == "parallel", _PRESTO_REMEDY)
         coef, intercept = full.raw(*path[best])
-        check_finite_fit(coef, intercept, self.alpha_)
-        self.coef_ = coef.astype(X.dtype, copy=False)
-        self.intercept_ = intercept.astype(X.dtype, copy=False)
+        self.coef_, self.intercept_ = finite_fit(coef, intercept, X.dtype, self.alpha_)
         self.n_iter_ = int(sum(n_iter[: best + 1]))
         return self

@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import Interval
 from skreg._device import to_numpy
 from skreg.ordinal._base import (
     CumulativeLogitMixin,
-    check_finite_fit,
+    finite_fit,
     solver_tolerance,
 )
 from skreg.ordinal._presto import _StandardizedProblem, warn_if_separable
@@ -144,8 +144,6 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
                           "Use PrestoClassifier with alpha > 0 instead.")
         coef = to_numpy(coef) / problem.scale
         intercept = to_numpy(intercept) - coef @ problem.mean
-        check_finite_fit(coef, intercept)
-        self.coef_ = coef.astype(X.dtype, copy=False)
-        self.intercept_ = intercept.astype(X.dtype, copy=False)
+        self.coef_, self.intercept_ = finite_fit(coef, intercept, X.dtype)
         self.n_iter_ = result.n_iter
         return self

@@ -224,12 +224,25 @@ def separation_suspected(X, y, w, eta, parallel):
     return bool((moved[active] > 0.5).any())
 
 
+def cumulative_share_logits(shares):
+    """Logits of the cumulative class shares, ``(..., K)`` to ``(..., K-1)``.
+
+    ``logit(s_0 + .. + s_k) = log(s_0 + .. + s_k) - log(s_{k+1} + .. + s_{K-1})``,
+    each sum taken from its own end: a share far below the others (a tiny
+    sample weight) is not lost in ``1 - cumsum``, where it would make two
+    thresholds equal and its class impossible.
+    """
+    tiny = torch.finfo(shares.dtype).tiny
+    below = torch.cumsum(shares, -1)[..., :-1].clamp_min(tiny)
+    above = _reverse_cumsum(shares, -1)[..., 1:].clamp_min(tiny)
+    return torch.log(below) - torch.log(above)
+
+
 def intercept_only_logits(y, w, n_classes):
     """Maximum-likelihood intercepts without covariates: logits of cumulative shares."""
     shares = torch.zeros(n_classes, dtype=w.dtype, device=w.device)
     shares.scatter_add_(0, y, w)
-    cumulative = torch.cumsum(shares, 0)[:-1].clamp(1e-12, 1 - 1e-12)
-    return torch.logit(cumulative)
+    return cumulative_share_logits(shares)
 
 
 # ---------------------------------------------------------------------------
@@ -564,8 +577,7 @@ def intercept_only_logits_from_design(design):
     shares = torch.zeros((design.w.shape[0], design.n_classes), dtype=design.w.dtype,
                          device=design.w.device)
     shares.scatter_add_(1, design.y, design.w)
-    cumulative = torch.cumsum(shares, 1)[:, :-1].clamp(1e-12, 1 - 1e-12)
-    return torch.logit(cumulative)
+    return cumulative_share_logits(shares)
 
 
 # ---------------------------------------------------------------------------
@@ -673,8 +685,11 @@ def class_log_probabilities(eta):
     """
     padded = _padded_logits(torch.sort(eta, dim=1).values)
     lower, upper = padded[:, :-1], padded[:, 1:]
+    # equal logits (infinite ones included, where X @ coef overflowed) leave
+    # nothing between them; their difference would be inf - inf = nan
+    gap = torch.where(lower == upper, 0.0, lower - upper)
     log_proba = (torch.nn.functional.logsigmoid(upper)
-                 + torch.nn.functional.logsigmoid(-lower) + _log1mexp(lower - upper))
+                 + torch.nn.functional.logsigmoid(-lower) + _log1mexp(gap))
     proba = torch.exp(log_proba)
     return torch.where(proba >= torch.finfo(proba.dtype).tiny, torch.log(proba),
                        log_proba)
