@@ -81,6 +81,31 @@ def test_default_solver_matches_the_exact_solver_on_uncentered_matrices(kind):
     assert errors["altmin"] <= 1.1 * errors["altmin_exact"]
 
 
+@pytest.mark.parametrize("scale", [1e-100, 1e-200])
+def test_default_solver_matches_the_exact_solver_on_tiny_values(scale):
+    X, _, _ = make_low_rank_matrix_completion(30, 20, rank=2, density=0.6,
+                                              random_state=0)
+    filled = {}
+    for solver in ("altmin_exact", "altmin"):
+        completer = LowRankCompleter(rank=2, solver=solver, max_iter=5,
+                                     random_state=0, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            filled[solver] = completer.fit_transform(X * scale) / scale
+    # alpha dwarfs values this small: the factors vanish, the offsets remain
+    assert np.all(np.isfinite(filled["altmin"]))
+    np.testing.assert_allclose(filled["altmin"], filled["altmin_exact"], atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float64, 1e200), (np.float32, 1e20)])
+def test_observed_values_whose_squares_overflow_raise_before_fitting(dtype, scale):
+    X, _, _ = make_low_rank_matrix_completion(30, 20, rank=2, density=0.6,
+                                              random_state=0)
+    completer = LowRankCompleter(rank=2, device="cpu")
+    with pytest.raises(ValueError, match="sum of their squares overflows"):
+        completer.fit((X * scale).astype(dtype))
+
+
 def test_stopping_at_max_iter_before_tol_warns():
     X, _, _ = make_low_rank_matrix_completion(40, 30, rank=2, density=0.5,
                                               noise=0.1, random_state=15)

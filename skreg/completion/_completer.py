@@ -152,7 +152,8 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     Rules for degenerate input: a column with no observed entry gets a zero
     factor and offset, so it is filled with ``mu`` plus the row offset; a row
     with no observed entry gets a zero factor and offset, so it is filled with
-    ``mean_``. Nothing is ever filled with NaN. Infinite values raise.
+    ``mean_``. Nothing is ever filled with NaN. Infinite values raise, and so
+    do observed values whose sum of squares overflows the float type.
 
     References
     ----------
@@ -291,6 +292,17 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             )
         if values.size == 0:
             raise ValueError("X has no observed entry: every entry is missing.")
+        # the training error sums the squares of the observed values; with a
+        # margin for the residuals of the first sweeps
+        limit = 1e-2 * math.sqrt(np.finfo(X.dtype).max / values.size)
+        peak = float(np.abs(values).max())
+        if peak > limit:
+            raise ValueError(
+                f"The observed values of X reach {peak:.3g}: the sum of their "
+                f"squares overflows {X.dtype}. Divide X by a constant (at most "
+                f"{limit:.3g} in absolute value is supported for "
+                f"{values.size} observed entries)."
+            )
         rows_t, cols_t, values_t = self._tensors(rows, cols, values, device)
         mu = values_t.mean() if self.center else torch.zeros((), dtype=values_t.dtype,
                                                             device=device)

@@ -267,11 +267,17 @@ def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights,
     def precondition(R):
         return ((R @ eigvecs) / scale) @ eigvecs.T
 
-    X = X0.clone()
-    products = torch.sparse.sampled_addmm(pattern, X, F.T, beta=0.0)
-    R = values @ F - (products @ F + alpha * X)
+    products = torch.sparse.sampled_addmm(pattern, X0, F.T, beta=0.0)
+    R = values @ F - (products @ F + alpha * X0)
     residual = values.values() - products.values()
-    objective = 0.5 * (residual * residual).sum() + 0.5 * alpha * (X * X).sum()
+    objective = 0.5 * (residual * residual).sum() + 0.5 * alpha * (X0 * X0).sum()
+    # CG solves for the correction D = X - X0 with each row's residual divided
+    # by its largest entry: the inner products of tiny residuals (data of
+    # 1e-100 and below) would otherwise fall to subnormals and garble the steps
+    size = R.abs().amax(1)
+    size = torch.where(size > 0, size, torch.ones_like(size))
+    R = R / size[:, None]
+    D = torch.zeros_like(X0)
     Z = precondition(R)
     P = Z
     rz = (R * Z).sum(1)
@@ -279,9 +285,9 @@ def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights,
     for n_done in range(1, max_steps + 1):
         AP = _gram_matvec(pattern, F, P, alpha)
         step = _safe_divide(rz, (P * AP).sum(1))
-        X = X + step[:, None] * P
+        D = D + step[:, None] * P
         R = R - step[:, None] * AP
-        decrease = 0.5 * (step * rz).sum()
+        decrease = 0.5 * (step * rz * size.square()).sum()
         objective = objective - decrease
         Z = precondition(R)
         rz_next = (R * Z).sum(1)
@@ -292,7 +298,7 @@ def ridge_rows_cg(values, pattern, counts, F, X0, alpha, n_steps, col_weights,
             decrease <= rtol * objective
         ):
             break
-    return X
+    return X0 + D * size[:, None]
 
 
 def _shift_values(csr, offsets):
