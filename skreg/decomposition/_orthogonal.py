@@ -22,7 +22,11 @@ from .._device import (
     torch_dtype,
     torch_generator,
 )
-from ..utils._scaling import power_of_two_exponent, times_power_of_two
+from ..utils._scaling import (
+    largest_magnitude,
+    power_of_two_exponent,
+    times_power_of_two,
+)
 from ._solver import (
     frank_wolfe,
     frank_wolfe_step,
@@ -40,23 +44,24 @@ _DEFAULT_MAX_ITER = {"msp": 100, "procrustes": 100, "frank_wolfe": 1}
 
 
 def _mean(Y):
-    # Relative to a power of two above the largest entry (exact): the sum of
-    # many rows near the float limit would overflow.
-    exponent = power_of_two_exponent(Y.abs().amax())
-    if exponent is None:
+    # Where the sum of the rows could overflow (entries near the float limit),
+    # relative to a power of two above the largest entry (exact).
+    exponent = power_of_two_exponent(largest_magnitude(Y))
+    limit = power_of_two_exponent(torch.finfo(Y.dtype).max) - 1
+    if exponent is None or exponent + math.ceil(math.log2(len(Y))) < limit:
         return Y.mean(dim=0)
     return times_power_of_two(times_power_of_two(Y, -exponent).mean(dim=0), exponent)
 
 
 def _at_unit_scale(Y, mean):
     """``Y - mean`` at unit scale and the scale's exponent (see ``unit_rows``)."""
-    U, exponent = unit_rows(Y - mean)
-    if not U.isfinite().all():
+    try:
+        return unit_rows(Y - mean, inplace=True)
+    except OverflowError:
         raise ValueError(
             "X minus mean_ overflows the float range. Divide X by a constant: "
             "the dictionary does not change."
-        )
-    return U, exponent
+        ) from None
 
 
 def _in_data_units(values, exponent, degree):

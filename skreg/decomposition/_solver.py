@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from skreg.utils._scaling import power_of_two_exponent, times_power_of_two
+from skreg.utils._scaling import (
+    largest_magnitude,
+    power_of_two_exponent,
+    times_power_of_two,
+)
 
 logger = logging.getLogger("skreg.decomposition")
 
@@ -70,7 +74,7 @@ def random_orthogonal(n_components, n_features, *, generator, dtype, device):
     return (Q * signs).T.contiguous()
 
 
-def unit_rows(Y):
+def unit_rows(Y, *, inplace=False):
     """``Y`` scaled to rows of norm at most 1, and the scale's exponent.
 
     Returns ``(Y * 2^-e, e)`` with ``e`` the smallest integer such that the
@@ -83,10 +87,18 @@ def unit_rows(Y):
     give codes of magnitude at most 1, whatever ``p``. A power of two scales
     exactly, so results do not depend on how a stream is chunked; the norm is
     taken after scaling by the largest entry, so it cannot overflow on its way.
+    ``inplace`` may scale ``Y`` itself (a temporary of the caller's).
     """
-    exponent = power_of_two_exponent(Y.abs().amax())
+    exponent = power_of_two_exponent(largest_magnitude(Y))
     if exponent is None:
         return Y, None
+    if abs(exponent) < power_of_two_exponent(torch.finfo(Y.dtype).max) // 4:
+        # The squares of the norms stay far inside the range: one pass less
+        # (and, ``inplace``, no copy: a 10 MB copy was 5 ms of a 0.15 s fit).
+        exponent = power_of_two_exponent(torch.linalg.vector_norm(Y, dim=1).amax())
+        if inplace:
+            return Y.mul_(2.0**-exponent), exponent
+        return times_power_of_two(Y, -exponent), exponent
     Y = times_power_of_two(Y, -exponent)
     shift = power_of_two_exponent(torch.linalg.vector_norm(Y, dim=1).amax())
     return times_power_of_two(Y, -shift), exponent + shift
