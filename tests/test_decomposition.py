@@ -461,3 +461,18 @@ def test_a_threshold_above_every_code_gives_half_the_mean_squared_norm():
 def test_results_beyond_the_float_range_raise_instead_of_inf(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_random_state_gives_the_same_dictionary_on_the_cpu_and_cuda(planted,
+                                                                     algorithm):
+    # The start and the minibatch order are drawn on the CPU whatever the
+    # device; CUDA used its own generator, so the same seed gave another
+    # dictionary (another order of the atoms) there.
+    Y, _, _ = planted
+    fits = [OrthogonalDictionaryLearning(
+        algorithm=algorithm, max_iter=3 if algorithm == "frank_wolfe" else None,
+        batch_size=64, random_state=0, device=device).fit(Y).components_
+        for device in ("cpu", "cuda")]
+    np.testing.assert_allclose(fits[0], fits[1], atol=1e-6)

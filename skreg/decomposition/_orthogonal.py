@@ -147,6 +147,8 @@ class OrthogonalDictionaryLearning(
         :meth:`partial_fit`, which cuts each chunk it receives into such batches.
     random_state : int, RandomState instance or None, default=None
         Seeds the random orthogonal start and the order of the Frank-Wolfe batches.
+        Both are drawn on the CPU whatever ``device``, so a seed gives the same
+        start on every device (the fits then differ by rounding only).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where torch computes. Fitted attributes are NumPy arrays either way.
     verbose : bool or int, default=False
@@ -297,7 +299,9 @@ class OrthogonalDictionaryLearning(
         n_samples, n_features = X.shape
         n_components = self._check_n_components(n_features)
         rng = check_random_state(self.random_state)
-        generator = torch_generator(rng, device)
+        # Draws on the CPU, moved to the device: a random_state gives the same
+        # start (and minibatch order) on any device.
+        generator = torch_generator(rng, "cpu")
         max_iter = self.max_iter or _DEFAULT_MAX_ITER[self.algorithm]
 
         Y = to_tensor(X, device)
@@ -377,7 +381,7 @@ class OrthogonalDictionaryLearning(
         n_samples, n_features = X.shape
         if first_call:
             n_components = self._check_n_components(n_features)
-            generator = torch_generator(check_random_state(self.random_state), device)
+            generator = torch_generator(check_random_state(self.random_state), "cpu")
             A = random_orthogonal(n_components, n_features, generator=generator,
                                   dtype=torch_dtype(X.dtype), device=device)
             self.components_ = to_numpy(A)

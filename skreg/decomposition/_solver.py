@@ -64,10 +64,12 @@ def random_orthogonal(n_components, n_features, *, generator, dtype, device):
 
     QR of a Gaussian matrix, with the signs of ``R``'s diagonal moved into ``Q`` so
     the draw is uniform on the Stiefel manifold, not biased by the QR convention.
+    The Gaussian is drawn where ``generator`` lives, then moved to ``device``.
     """
     G = torch.randn(
-        n_features, n_components, generator=generator, dtype=dtype, device=device
-    )
+        n_features, n_components, generator=generator, dtype=dtype,
+        device=generator.device,
+    ).to(device)
     Q, R = torch.linalg.qr(G)
     signs = torch.sign(torch.diagonal(R))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
