@@ -2282,3 +2282,72 @@ def test_max_nz_one_is_exact_whatever_gamma():
     res = sparsity_constrained_ot(a, a, C, 1, 1e-300)
     assert res.marginal_error == 0.0
     np.testing.assert_allclose(res.cost, ot.emd2(a, a, C), rtol=1e-12)
+
+
+def test_extreme_cost_scales_give_the_unit_scale_solution():
+    # Costs 2^-600 (curvature pairs dropped: a plan 15% dearer), and costs
+    # 2^-1000 / 2^1020 times the masses' total (underflow: cost 0; overflow:
+    # every field NaN) are solved in units of their spread.
+    rng = np.random.RandomState(0)
+    X, Y = rng.randn(12, 2), rng.randn(10, 2)
+    C = ((X[:, None] - Y[None]) ** 2).sum(-1)
+    a = rng.rand(12) + 0.5
+    b = rng.rand(10) + 0.5
+    a, b = a / a.sum(), b / b.sum()
+    ref = sparsity_constrained_ot(a, b, C, 3, 10.0)
+    for s, t in [(1.0, 2.0 ** -600), (2.0 ** 500, 2.0 ** -500),
+                 (2.0 ** -1000, 2.0 ** 20)]:
+        res = sparsity_constrained_ot(s * a, s * b, t * C, 3, 10.0 * t / s)
+        for name in ("cost", "dual_objective", "primal_objective"):
+            assert np.isfinite(getattr(res, name))
+            assert getattr(res, name) / (s * t) == pytest.approx(
+                getattr(ref, name), rel=1e-12)
+        assert np.allclose(res.alpha / t, ref.alpha, rtol=0, atol=1e-12)
+        assert np.allclose(res.plan / s, ref.plan, rtol=0, atol=1e-15)
+
+
+def test_max_nz_one_with_overflowing_scores_raises():
+    C = np.random.RandomState(0).rand(6, 6) * 1e300
+    with pytest.raises(ValueError, match="gamma=1e-300 is too small.*max_nz=1"):
+        sparsity_constrained_ot(None, None, C, 1, 1e-300)
+
+
+@pytest.mark.parametrize("tiny", [1e-20, 1e-300])
+def test_a_nearly_massless_column_does_not_limit_gamma(tiny):
+    # The resolution test reads the typical column, not the lightest: a
+    # column of 1e-20 of the mass is solved to the marginals at unit gamma.
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(12, 2), rng.randn(10, 2) + 1)
+    C /= np.median(C)
+    a, b = np.full(12, 1 / 12), np.full(10, 1.0)
+    b[0] = tiny
+    b /= b.sum()
+    res = sparsity_constrained_ot(a, b, C, 2, 1.0)
+    assert res.marginal_error <= 1e-9
+
+
+def test_a_forbidden_pair_of_huge_cost_does_not_limit_gamma():
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(30, 2), rng.randn(30, 2) + 1)
+    a = np.full(30, 1 / 30)
+    gamma = 0.1 * np.median(C)
+    moderate, huge = C.copy(), C.copy()
+    moderate[0, 0], huge[0, 0] = 1e3, 1e200
+    ref = sparsity_constrained_ot(a, a, moderate, 2, gamma)
+    res = sparsity_constrained_ot(a, a, huge, 2, gamma)
+    assert res.plan[0, 0] == 0 and res.marginal_error <= 1e-9
+    np.testing.assert_allclose(res.cost, ref.cost, rtol=1e-9)
+
+
+def test_scores_that_overflow_float64_raise_instead_of_nan():
+    # A column of 1e-300 of the mass at gamma = 1e-10: scores of 1e310,
+    # and every field was NaN without a warning.
+    rng = np.random.RandomState(0)
+    C = ot.dist(rng.randn(12, 2), rng.randn(10, 2) + 1)
+    C /= np.median(C)
+    a, b = np.full(12, 1 / 12), np.full(10, 1.0)
+    b[0] = 1e-300
+    b /= b.sum()
+    for k in (1, 2):
+        with pytest.raises(ValueError, match="gamma=.*overflow"):
+            sparsity_constrained_ot(a, b, C, k, 1e-10)

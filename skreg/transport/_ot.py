@@ -16,6 +16,7 @@ from skreg.transport._degree import degree_capped_plan
 from skreg.transport._solver import (
     SolverResult,
     _beta_from_plan,
+    _cost_sample,
     _marginal_error,
     _objective_unit,
     _plan_errors,
@@ -966,9 +967,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         of the order of ``1/n``, so the regularization matters when ``gamma``
         is of the order of ``n`` times the cost spread; ``0.1 * median(C)`` is
         nearly unregularized at ``n = 1000``. A ``ValueError`` where float64
-        cannot resolve the plans: ``eps (max C - min C) / (gamma min_j b_j)``
-        above 1e-2 (except ``max_nz=1`` up to ``n m = 1e7``, solved exactly
-        whatever ``gamma``), or ``gamma`` subnormal.
+        cannot resolve the plans: ``eps median(C - min C) / (gamma mean_j
+        b_j)`` above 1e-2 (except ``max_nz=1`` up to ``n m = 1e7``, solved
+        exactly whatever ``gamma``), where the scores ``(alpha - C_ij) /
+        (gamma b_j)`` would overflow, or ``gamma`` subnormal.
     formulation : {"semi_dual", "dual"}, default="semi_dual"
         ``"semi_dual"`` optimizes ``alpha`` only and gets the ``b``-marginal
         exactly; ``"dual"`` optimizes ``(alpha, beta)`` by L-BFGS alone
@@ -1125,16 +1127,36 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     # difference of 1.5e-8 left plans 0.45 off the marginals at k = 1.
     b64 = b64 * (a64.sum(dim=1) / b64.sum(dim=1)).unsqueeze(1)
     mass = _mass_scale(a64)
-    C64 = C64 / mass.view(-1, 1, 1)
+    unit = _cost_unit(C64, mass, float(gamma))
+    C64 = C64 / unit.view(-1, 1, 1)
     low = C64.amin(dim=(1, 2))
     a64, b64 = a64 / mass.unsqueeze(1), b64 / mass.unsqueeze(1)
-    _check_resolution(a64, b64, C64 - low.view(-1, 1, 1), int(max_nz), float(gamma),
-                      formulation)
-    fields, _ = _solve_reduced(a64, b64, C64 - low.view(-1, 1, 1), int(max_nz),
-                               float(gamma), formulation, max_iter, tol, repair)
+    # gamma in each problem's units: gamma itself wherever unit is mass.
+    gammas = [math.ldexp(float(gamma), int(e)) for e in
+              (torch.log2(mass) - torch.log2(unit)).tolist()]
+    _check_resolution(a64, b64, C64 - low.view(-1, 1, 1), int(max_nz),
+                      torch.tensor(gammas, dtype=torch.float64, device=device),
+                      float(gamma), formulation)
+    # Problems in the same units are solved together (the whole batch, unless
+    # some costs are extreme), so a batch still returns its looped solves.
+    groups = {}
+    for i, g in enumerate(gammas):
+        groups.setdefault(g, []).append(i)
+    C64 = C64 - low.view(-1, 1, 1)
+    parts = []
+    for g, rows in groups.items():
+        pick = slice(None) if len(groups) == 1 else torch.tensor(rows, device=device)
+        part, _ = _solve_reduced(a64[pick], b64[pick], C64[pick], int(max_nz), g,
+                                 formulation, max_iter, tol, repair)
+        parts.append(part)
+    fields = parts[0]
+    if len(groups) > 1:
+        back = torch.argsort(torch.tensor(sum(groups.values(), []), device=device))
+        fields = {name: torch.cat([part[name] for part in parts])[back]
+                  for name in fields}
     fields = _shifted(fields, low, a64)
     fields = {name: value.to(C_t.dtype) if value.is_floating_point() else value
-              for name, value in _rescaled(fields, mass).items()}
+              for name, value in _rescaled(fields, mass, unit).items()}
     return _package(fields, fields["primal_objective"], a, b, C_in, gamma_in, a_t, b_t,
                     batched, is_torch)
 
@@ -1144,33 +1166,50 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
 _MAX_RESOLUTION = 1e-2
 
 
-def _check_resolution(a, b, C, k, gamma, formulation):
-    """Raise where float64 cannot resolve the plans of so small a ``gamma``.
+def _check_resolution(a, b, C, k, gamma, user_gamma, formulation):
+    """Raise where float64 cannot hold or resolve the plans of so small a ``gamma``.
 
     A column's plan is ``b_j`` times the simplex projection of the scores
-    ``(alpha - C[:, j]) / (gamma b_j)``, which span up to ``(max C - min C) /
-    (gamma b_j)``: float64 resolves its entries only to ``eps`` times that.
-    Beyond ``_MAX_RESOLUTION`` of the mass the iterations cannot meet the
-    marginals (measured on 12 x 10 clouds at k = 2: gamma = 1e-20 median(C)
-    ended 0.63 off them, 1e-300 median(C) 0.33 off after 5526 iterations and
-    3.6 s). The exact solve of ``k = 1`` does not depend on ``gamma`` (a
-    single nonzero per column makes ``||P||^2`` a constant) and is exempt.
+    ``(alpha - C[:, j]) / (gamma b_j)``. Two limits (``C`` here has its
+    minimum at 0; ``gamma`` is each problem's, ``(B,)``, in the units of
+    ``C``; the messages name the caller's ``user_gamma``):
+
+    - the scores must not overflow: ``max C / (gamma min_j b_j)`` finite
+      (costs ``1e300`` with ``gamma = 1e-300``, or a column of mass
+      ``1e-300`` with ``gamma = 1e-10``, had made every field NaN);
+    - the iterations need the typical score resolved: float64 resolves the
+      plan entries of a typical column only to ``eps median(C) / (gamma
+      mean_j b_j)`` of its mass. Beyond ``_MAX_RESOLUTION`` they cannot meet
+      the marginals (measured on 12 x 10 clouds at k = 2: gamma = 1e-20
+      median(C) ended 0.63 off them, 1e-300 median(C) 0.33 off after 5526
+      iterations and 3.6 s). The median and the mean, not the extremes: a
+      single large cost (a forbidden pair) or a nearly massless column
+      limits nothing (a column of mass 1e-20 of the total was solved to
+      2e-10 at unit ``gamma``). The exact solve of ``k = 1`` does not depend
+      on ``gamma`` (a single nonzero per column makes ``||P||^2`` a
+      constant) and is exempt from this one.
     """
     n, m = C.shape[1:]
+    lightest = torch.where(b > 0, b, torch.inf).amin(dim=1)
+    if not bool(torch.isfinite(C.amax(dim=(1, 2)) / (gamma * lightest)).all()):
+        raise ValueError(
+            f"gamma={user_gamma!r} is too small for these costs and masses: the "
+            "scores (alpha - C_ij) / (gamma b_j) overflow float64; raise gamma "
+            "(with max_nz=1 it does not change the plan).")
     if (formulation == "semi_dual" and k == 1
             and n * m <= _EXACT_OT_MAX_ENTRIES):
         return
-    spread = C.amax(dim=(1, 2))
-    lightest = torch.where(b > 0, b, torch.inf).amin(dim=1)
-    resolution = torch.finfo(torch.float64).eps * spread / (gamma * lightest)
+    typical = _cost_sample(C).median(dim=1).values
+    mean_mass = b.sum(dim=1) / (b > 0).sum(dim=1)
+    resolution = torch.finfo(torch.float64).eps * typical / (gamma * mean_mass)
     worst = int(resolution.argmax())
     if float(resolution[worst]) > _MAX_RESOLUTION:
         raise ValueError(
-            f"gamma={gamma!r} is too small for these costs in float64: plan "
+            f"gamma={user_gamma!r} is too small for these costs in float64: plan "
             f"entries would be resolved only to {float(resolution[worst]):.1e} of "
-            "a column's mass (eps (max C - min C) / (gamma min_j b_j)). Use gamma "
-            f">= {gamma * float(resolution[worst]) / _MAX_RESOLUTION:.2e}, or "
-            "max_nz=1 (solved exactly, whatever gamma).")
+            "a column's mass (eps median(C - min C) / (gamma mean_j b_j)). Use "
+            f"gamma >= {user_gamma * float(resolution[worst]) / _MAX_RESOLUTION:.2e}"
+            ", or max_nz=1 (solved exactly, whatever gamma).")
 
 
 def _mass_scale(a):
@@ -1189,6 +1228,42 @@ def _mass_scale(a):
     batch still returns its looped solves. Returns ``(B,)``.
     """
     return 2.0 ** torch.round(torch.log2(a.sum(dim=1)))
+
+
+# Costs are solved in units of the mass scale (:func:`_mass_scale`) while
+# their spread is within this power of two of it; beyond, in units of the
+# spread itself (see :func:`_cost_unit`).
+_COST_RANGE = 32
+# ... and gamma is kept within this power of two of those units.
+_GAMMA_RANGE = 512
+
+
+def _cost_unit(C, mass, gamma):
+    """Each problem's cost unit, a power of two: ``mass``, unless that is extreme.
+
+    The problem ``(a, b, C, gamma)`` is ``(a / s, b / s, C / u, gamma s / u)``
+    in units of mass ``s`` and of cost ``u`` (its plan ``s`` times, its
+    potentials ``u`` times, its objectives ``s u`` times). The solver's
+    tests and safeguards hold absolute constants (curvature pairs with
+    ``s'y <= 1e-30`` are dropped; POT's and HiGHS's tolerances), fit for costs
+    of order 1, so costs whose spread is beyond ``2^32`` times the mass scale
+    either way are solved in units of their spread; below, ``u = s`` as
+    before. Measured on a 12 x 10 problem (``k = 3``): costs of ``2^-600``
+    gave a plan 15% dearer than at unit cost (curvature pairs dropped), costs
+    ``2^-1000`` times the masses' total underflowed to zero (``cost`` 0), and
+    ``2^1030`` times it overflowed (every field NaN). Where ``gamma`` dwarfs
+    even those costs, ``u`` is raised until ``gamma s / u`` is at most
+    ``2^512``, so it stays finite. Returns ``(B,)``.
+    """
+    # Half the spread: the whole can overflow (costs from -1e308 to 1e308).
+    half = C / 2
+    spread = half.amax(dim=(1, 2)) - half.amin(dim=(1, 2))
+    exponent = torch.floor(torch.log2(spread))
+    scale = torch.log2(mass)
+    extreme = (spread > 0) & ((exponent + 1 - scale).abs() > _COST_RANGE)
+    exponent = torch.maximum(exponent, torch.floor(math.log2(gamma) + scale)
+                             - _GAMMA_RANGE)
+    return torch.where(extreme, 2.0 ** exponent.clamp(-1074, 1023), mass)
 
 
 def _shifted(fields, low, a):
@@ -1215,16 +1290,19 @@ def _shifted(fields, low, a):
     return out
 
 
-def _rescaled(fields, mass):
-    """The fields of the unit-mass problem (:func:`_mass_scale`) scaled back."""
+def _rescaled(fields, mass, unit):
+    """The fields of the problem in units of ``mass`` and ``unit`` scaled back.
+
+    See :func:`_mass_scale` and :func:`_cost_unit`.
+    """
     out = dict(fields)
     out["plan"] = fields["plan"] * mass.view(-1, 1, 1)
     for name in ("marginal_error", "readout_marginal_error"):
         out[name] = fields[name] * mass
     for name in ("alpha", "beta"):
-        out[name] = fields[name] * mass.unsqueeze(1)
+        out[name] = fields[name] * unit.unsqueeze(1)
     for name in ("cost", "dual_objective", "primal_objective", "duality_gap"):
-        out[name] = fields[name] * mass * mass
+        out[name] = fields[name] * (mass * unit)
     return out
 
 
