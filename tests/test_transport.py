@@ -1864,6 +1864,8 @@ _A, _B, _C = _problem(n=5)
     ({"gamma": 0.0}, ValueError, "gamma must be a positive"),
     ({"gamma": -1.0}, ValueError, "gamma must be a positive"),
     ({"gamma": torch.tensor([1.0])}, TypeError, "gamma must be a real number"),
+    ({"gamma": 1e-310}, ValueError, "gamma must be at least"),
+    ({"gamma": 1e-30}, ValueError, "gamma=1e-30 is too small"),
     ({"max_nz": torch.tensor(2.0)}, TypeError, "max_nz must be an integer"),
     ({"a": _A[:4]}, ValueError, "a must have shape"),
     ({"b": np.ones((2, 5)) / 5}, ValueError, "b must have shape"),
