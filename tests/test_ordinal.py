@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 from scipy.special import expit
+from sklearn.datasets import load_wine
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
@@ -382,6 +383,26 @@ def test_float32_input_gives_float32_probabilities():
     clf = PrestoClassifier(device="cpu").fit(X.astype(np.float32), y)
     assert clf.coef_.dtype == np.float32
     assert clf.predict_proba(X.astype(np.float32)).dtype == np.float32
+
+
+def test_float32_data_is_fitted_as_its_float64_values():
+    # The solvers run in float64 whatever the input type: in float32 the
+    # rounding of the gradient's sums kept the KKT violation above its floor,
+    # and a cross-validated path on the wine data ran every penalty to
+    # max_iter with a ConvergenceWarning. The fit of float32 data must be
+    # the fit of the same values in float64, rounded to float32.
+    X, y = load_wine(return_X_y=True)
+    X32 = StandardScaler().fit_transform(X).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        fit32 = PrestoClassifierCV(alphas=4, cv=3, device="cpu").fit(X32, y)
+    fit64 = PrestoClassifierCV(alphas=4, cv=3, device="cpu").fit(
+        X32.astype(np.float64), y)
+    assert fit32.coef_.dtype == np.float32
+    assert fit32.alpha_ == fit64.alpha_
+    np.testing.assert_array_equal(fit32.coef_, fit64.coef_.astype(np.float32))
+    np.testing.assert_allclose(fit32.predict_proba(X32), fit64.predict_proba(X32),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("make", _UNPENALIZED[:2])

@@ -39,7 +39,9 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
         Maximum number of Newton steps.
     tol : float, default=1e-10
         Stop when the largest gradient entry of the mean negative
-        log-likelihood is at most ``tol`` (floored at ``1e3`` machine epsilons).
+        log-likelihood is at most ``tol`` (floored at ``1e3`` machine epsilons
+        of float64, in which the fit is solved whatever the data's float type;
+        float32 data gives float32 ``coef_`` and probabilities).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where torch computes.
 
@@ -125,8 +127,8 @@ class ProportionalOddsClassifier(CumulativeLogitMixin):
         """
         X, codes, weights, device = self._prepare_fit(X, y, sample_weight)
         problem = _StandardizedProblem(X, codes, weights, len(self.classes_),
-                                       self.standardize, device, X.dtype)
-        tol = solver_tolerance(self.tol, X.dtype)
+                                       self.standardize, device)
+        tol = solver_tolerance(self.tol)
         intercept, coef, result = fit_proportional_odds(
             problem.X, problem.y, problem.w, problem.n_classes,
             max_iter=self.max_iter, tol=tol)
