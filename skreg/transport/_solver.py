@@ -67,18 +67,28 @@ def _project_sorted(v, dim):
     128 with a coarser gamma path: potentials of 1e17 and a "dual" of 1.6e15,
     where the optimum is about 2).
     """
-    k = v.shape[dim]
     top = v.narrow(dim, 0, 1)
     v = v - top
     cumsum = v.cumsum(dim=dim)
-    shape = [1] * v.dim()
-    shape[dim] = k
-    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device).view(shape)
+    ranks = _ranks(v.shape[dim], v.dim(), dim, v.dtype, v.device)
     # For sorted v the condition holds on a prefix; its length is the support size.
     support = (v - (cumsum - 1.0) / ranks) > 0
     size = support.sum(dim=dim, keepdim=True).clamp(min=1)
     tau = (cumsum.gather(dim, size - 1) - 1.0) / size.to(v.dtype)
     return (v - tau).clamp(min=0.0), tau + top
+
+
+@functools.lru_cache(maxsize=64)
+def _ranks(k, ndim, dim, dtype, device):
+    """``1, ..., k`` along ``dim`` of an ``ndim``-dimensional tensor (cached).
+
+    A normal tensor even when first asked for under ``torch.inference_mode``,
+    so that later calls under autograd may use it.
+    """
+    shape = [1] * ndim
+    shape[dim] = k
+    with torch.inference_mode(False):
+        return torch.arange(1, k + 1, dtype=dtype, device=device).view(shape)
 
 
 def project_simplex_sorted(v):
@@ -254,6 +264,10 @@ class _WorkingSet:
 
     def __init__(self, a, b, C, size):
         self.a, self.b = a, b
+        # Column masses with the empty columns' set to 1 (their scores are
+        # then finite), and the last stage's per-column factors (see _factors).
+        self.mass = torch.where(b > 0, b, torch.ones_like(b))
+        self.factors = None
         self.CT = C.transpose(1, 2).contiguous()
         batch, m, n = self.CT.shape
         self.size = min(size, n)
@@ -271,13 +285,14 @@ class _WorkingSet:
             self.cC = self.CT
 
     # The per-problem state: indexed along the batch by subset() and absorb().
-    _BATCHED = ("a", "b", "CT", "cidx", "cC", "out", "ridx", "rC", "rout",
+    _BATCHED = ("a", "b", "mass", "CT", "cidx", "cC", "out", "ridx", "rC", "rout",
                 "snapshots", "ref")
 
     def subset(self, rows):
         """The working set of the problems ``rows`` alone (a copy)."""
         sub = object.__new__(_WorkingSet)
         sub.__dict__.update(self.__dict__)
+        sub.factors = None
         for name in self._BATCHED:
             value = getattr(self, name, None)
             if value is not None:
@@ -401,18 +416,27 @@ class _WorkingSet:
         most = float(fail.to(alpha.dtype).mean()) > _FULL_REFRESH_SHARE
         self._refresh(alpha, None if most else fail)
 
+    def _factors(self, gamma):
+        """``(gamma b_j, gamma b_j^2)`` per column (empty columns: ``gamma``, 0).
+
+        Kept for the last ``gamma`` asked: a stage evaluates at one ``gamma``
+        hundreds of times.
+        """
+        if self.factors is None or self.factors[0] != gamma:
+            self.factors = (gamma, gamma * self.mass, gamma * self.b * self.b)
+        return self.factors[1:]
+
     def _scale(self, gamma):
-        b = self.b
-        return gamma * torch.where(b > 0, b, torch.ones_like(b))
+        return self._factors(gamma)[0]
 
     def _evaluate(self, alpha, gamma, k):
         """The objective on the candidates: value, top-k scores and projection."""
-        b = self.b
+        scale, weight = self._factors(gamma)
         raw = alpha.gather(1, self.cidx.flatten(1)).view_as(self.cC) - self.cC
-        picked, pos = _top(raw / self._scale(gamma).unsqueeze(2), k)
+        picked, pos = _top(raw / scale.unsqueeze(2), k)
         t, tau = _project_sorted(picked, 2)
         inner = (picked * t).sum(dim=2) - 0.5 * (t * t).sum(dim=2)
-        value = (alpha * self.a).sum(dim=1) - (gamma * b * b * inner).sum(dim=1)
+        value = (alpha * self.a).sum(dim=1) - (weight * inner).sum(dim=1)
         return value, picked, pos, t, tau
 
     def _uncertified(self, alpha, gamma, value, picked, tau, floor):
