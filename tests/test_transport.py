@@ -997,6 +997,24 @@ def test_batched_capped_repair_gives_the_looped_plans(monkeypatch):
                                                             rel=1e-12)
 
 
+def test_projection_differentiates_after_an_inference_mode_call():
+    # The projection's ranks 1..k are cached; a cache filled under
+    # torch.inference_mode (the solver runs there) must still serve autograd.
+    # The Jacobian of the simplex projection is I - 11'/|A| on its active
+    # set A and 0 elsewhere.
+    v = torch.tensor([[[0.9], [0.5], [0.3], [-2.0]]], dtype=torch.float64)
+    with torch.inference_mode():
+        project_simplex_sorted(v + 0.0)
+    x = v.clone().requires_grad_(True)
+    t = project_simplex_sorted(x)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    (t[0, :, 0] * weights).sum().backward()
+    active = (t[0, :, 0] > 0).to(torch.float64)
+    assert active.tolist() == [1.0, 1.0, 1.0, 0.0]
+    jacobian = torch.diag(active) - torch.outer(active, active) / active.sum()
+    torch.testing.assert_close(x.grad[0, :, 0], jacobian @ weights)
+
+
 def test_projection_and_semi_dual_hold_at_huge_potentials():
     # Beyond 2^53 the unit mass is below the scores' rounding; computed on
     # the raw scores the projection came out empty and the semi-dual read
