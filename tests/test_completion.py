@@ -388,3 +388,15 @@ def test_malformed_input_raises_a_clear_error(case, error, match):
             fitted.fold_in(1, [0, 0], [0, 1], [1.0])
         elif case == "fold_in_n_rows_not_integer":
             fitted.fold_in(1.5, [0], [0], [1.0])
+
+
+def test_integral_rank_of_any_type_fits_as_that_rank():
+    # The rank constraint admits any Integral (as scikit-learn's do: PCA
+    # takes n_components=True as 1); a bool rank once reached the solver as
+    # a mask index and failed with a tensor size error.
+    X, _, _ = make_low_rank_matrix_completion(40, 30, rank=1, density=0.6,
+                                              random_state=3)
+    reference = LowRankCompleter(rank=1, random_state=0, device="cpu").fit(X)
+    for rank in (True, np.int64(1)):
+        fitted = LowRankCompleter(rank=rank, random_state=0, device="cpu").fit(X)
+        np.testing.assert_array_equal(fitted.components_, reference.components_)

@@ -310,8 +310,10 @@ class LowRankCompleter(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         generator = torch_generator(random_state, device)
         progress, callback = self._progress()
         try:
+            # int(): the constraint admits any Integral, and a bool rank
+            # indexed the factors as a mask (True gave a size error, not rank 1)
             U, V, c, b, result = alternating_minimization(
-                entries, self.rank, alpha=self.alpha, max_iter=self.max_iter,
+                entries, int(self.rank), alpha=self.alpha, max_iter=self.max_iter,
                 tol=self.tol, exact=self.solver == "altmin_exact",
                 n_cg_steps=self.n_cg_steps, init=self.init, offsets=self.center,
                 generator=generator, callback=callback,
