@@ -1897,6 +1897,8 @@ _A, _B, _C = _problem(n=5)
     ({"C": _C + 1j}, TypeError, "C must be a real"),
     ({"C": torch.as_tensor(_C) + 1j}, TypeError, "C must be real"),
     ({"C": np.zeros((0, 5, 5))}, ValueError, "C must be non-empty"),
+    ({"a": np.zeros(0), "b": np.ones(5) / 5, "C": np.zeros((0, 5))}, ValueError,
+     r"C must be non-empty, got shape \(0, 5\)"),
     ({"a": torch.as_tensor(_A).requires_grad_()}, TypeError,
      "a requires grad but C is a NumPy array"),
 ])

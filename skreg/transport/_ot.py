@@ -233,7 +233,8 @@ def _validate(a, b, C, max_nz, gamma, formulation, max_iter, tol, device,
         C_t = C_t.unsqueeze(0)
     batch, n, m = C_t.shape
     if batch == 0 or n == 0 or m == 0:
-        raise ValueError(f"C must be non-empty, got shape {tuple(C_t.shape)}.")
+        shape = tuple(C_t.shape if batched else C_t.shape[1:])
+        raise ValueError(f"C must be non-empty, got shape {shape}.")
     if not bool(torch.isfinite(C_t).all()):
         raise ValueError("C contains NaN or infinite values.")
     if not 1 <= max_nz <= n:
