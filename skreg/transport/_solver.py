@@ -284,9 +284,11 @@ class _WorkingSet:
             self.cidx = torch.arange(n, device=C.device).expand(batch, m, n)
             self.cC = self.CT
 
-    # The per-problem state: indexed along the batch by subset() and absorb().
-    _BATCHED = ("a", "b", "mass", "CT", "cidx", "cC", "out", "ridx", "rC", "rout",
-                "snapshots", "ref")
+    # The per-problem data (fixed) and state (what a refresh changes): indexed
+    # along the batch by subset(), the state written back by absorb().
+    _FIXED = ("a", "b", "mass", "CT")
+    _STATE = ("cidx", "cC", "out", "ridx", "rC", "rout", "snapshots", "ref")
+    _BATCHED = _FIXED + _STATE
 
     def subset(self, rows):
         """The working set of the problems ``rows`` alone (a copy)."""
@@ -304,7 +306,7 @@ class _WorkingSet:
         self.n_refresh, self.n_partial = sub.n_refresh, sub.n_partial
         if self.snapshots is None:
             return
-        for name in self._BATCHED[3:]:
+        for name in self._STATE:
             getattr(self, name)[rows] = getattr(sub, name)
 
     def _refresh(self, alpha, cols=None):
