@@ -158,10 +158,10 @@ def test_lbfgs_direction_is_the_bfgs_inverse_hessian_times_the_gradient():
         np.testing.assert_allclose(d[i], H @ g[i], rtol=1e-12, atol=1e-14)
 
 
-def _working_set_path(k, n, reserve_factor, monkeypatch):
+def _working_set_path(k, n, reserve_factor, monkeypatch, mu=0.0):
     # Evaluations along a random path with large and small moves, each
-    # checked against the full objective; returns the working set (its
-    # refresh counts) and its last evaluation point.
+    # checked against the full objective (smoothed with mu); returns the
+    # working set (its refresh counts) and its last evaluation point.
     monkeypatch.setattr(_solver, "_RESERVE_FACTOR", reserve_factor)
     problems = [_problem(n=n, seed=s) for s in (3, 4)]
     a_t, b_t, C_t = (torch.as_tensor(np.stack([p[i] for p in problems]))
@@ -174,28 +174,33 @@ def _working_set_path(k, n, reserve_factor, monkeypatch):
     for step in range(150):
         alpha = alpha + torch.as_tensor(rng.randn(2, n)) * (
             3.0 if step % 20 == 0 else 0.1)
-        value, grad, idx, t = work(alpha, 0.05, k)
-        full = semi_dual_objective(alpha, a_t, b_t, C_t, 0.05, k)
+        value, grad, idx, t = work(alpha, 0.05, k, mu=mu)
+        full = semi_dual_objective(alpha, a_t, b_t, C_t, 0.05, k, mu=mu)
         assert torch.allclose(value, full[0], rtol=1e-12, atol=1e-12)
         assert torch.allclose(grad, full[1], rtol=1e-12, atol=1e-12)
         refreshes.append((work.n_refresh - work.n_partial, work.n_partial))
     return work, alpha, refreshes, (a_t, b_t, C_t)
 
 
+@pytest.mark.parametrize("mu", [0.0, 0.05])
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_working_set_evaluations_equal_the_full_objective_along_a_path(k, monkeypatch):
+def test_working_set_evaluations_equal_the_full_objective_along_a_path(k, mu,
+                                                                       monkeypatch):
     # The working set keeps 2k or k + 16 rows per column (of 60 here) and
     # certifies that no other row could enter; along a random path every
     # evaluation must equal the full one, and the moves must have forced
     # refreshes, of all columns and of the failing ones only, past the
     # number of snapshots (or the check would prove nothing). Two problems
     # in a batch share the snapshots. No reserve here (factor 1): each
-    # column is certified by the bound of its last refresh alone.
+    # column is certified by the bound of its last refresh alone. The same
+    # for the smoothed semi-dual (mu > 0), whose candidates reach further.
     work, alpha, refreshes, (a_t, b_t, C_t) = _working_set_path(
-        k, 60, 1, monkeypatch)
+        k, 60, 1, monkeypatch, mu)
     assert work.ridx.shape[2] == 0
     assert refreshes[-1][0] > refreshes[0][0]
     assert refreshes[-1][1] > _solver._MAX_SNAPSHOTS
+    if mu > 0:
+        return
     # A floor above the working-set value skips the refresh and returns an
     # upper bound of the exact value.
     rng = np.random.RandomState(5)
@@ -219,14 +224,14 @@ def test_working_set_reserve_certifies_columns_and_stays_exact(k, monkeypatch):
     saved = []
     original = _WorkingSet._evaluate
 
-    def evaluate(self, alpha, gamma, k):
-        out = original(self, alpha, gamma, k)
+    def evaluate(self, alpha, gamma, k, mu=0.0):
+        out = original(self, alpha, gamma, k, mu)
         if self.snapshots is not None:
-            value, picked, _, _, tau = out
-            with_reserve = self._uncertified(alpha, gamma, value, picked, tau, None)
+            value, level, _, _ = out
+            with_reserve = self._uncertified(alpha, gamma, value, level, None)
             ridx, rC = self.ridx, self.rC
             self.ridx, self.rC = ridx[..., :0], rC[..., :0]
-            own = self._uncertified(alpha, gamma, value, picked, tau, None)
+            own = self._uncertified(alpha, gamma, value, level, None)
             self.ridx, self.rC = ridx, rC
             assert not bool((with_reserve & ~own).any())
             saved.append(int((own & ~with_reserve).sum()))
@@ -236,6 +241,81 @@ def test_working_set_reserve_certifies_columns_and_stays_exact(k, monkeypatch):
     work = _working_set_path(k, 240, 4, monkeypatch)[0]
     assert 0 < work.ridx.shape[2] and work.size + work.ridx.shape[2] < 239
     assert sum(saved) > 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_the_smoothed_semi_dual_is_within_its_bound_and_its_gradient_is_exact(k):
+    # The smoothed value lies between the exact one minus mu log(r) gamma
+    # sum_j b_j^2 and the exact one, tends to it as mu -> 0, and its
+    # gradient (a minus the mixture plan's row sums) is autograd's; the
+    # mixture puts each column's mass b_j on at most k - 1 + r rows.
+    a, b, C = (torch.as_tensor(x) for x in _problem(n=15, m=9, seed=3))
+    a, b, C = a.unsqueeze(0), b.unsqueeze(0), C.unsqueeze(0)
+    gamma = 0.3 * float(C.median())
+    alpha = C.amin(dim=2) + 0.2 * torch.as_tensor(np.random.RandomState(0).randn(1, 15))
+    exact = semi_dual_objective(alpha, a, b, C, gamma, k)[0]
+    r = _solver._smooth_supports(k, 15)
+    bound = np.log(r) * gamma * float((b * b).sum())
+    gaps = []
+    for mu in (1.0, 0.1, 1e-3, 1e-6):
+        x = alpha.clone().requires_grad_(True)
+        value, grad, idx, t = semi_dual_objective(x, a, b, C, gamma, k, mu=mu)
+        (auto,) = torch.autograd.grad(value.sum(), x)
+        np.testing.assert_allclose(grad.detach().numpy(), auto.numpy(), atol=1e-12)
+        gap = float(exact - value.detach())
+        assert -1e-12 <= gap <= mu * bound + 1e-12
+        gaps.append(gap)
+        assert idx.shape[1] == k - 1 + r
+        np.testing.assert_allclose((t * b.unsqueeze(1)).sum(dim=1).detach().numpy(),
+                                   b.numpy(), atol=1e-12)
+    assert gaps[0] > 10 * gaps[-1] and gaps[-1] <= 1e-6 * bound
+
+
+def test_a_batch_gets_each_problems_own_smoothing(monkeypatch):
+    # mu depends on each problem's masses and costs; a batch must smooth
+    # each problem by its own mu, as its separate solve does (the L-BFGS
+    # path where full BFGS is not used: above _FULL_BFGS_MAX_N rows).
+    monkeypatch.setattr(_solver, "_FULL_BFGS_MAX_N", 0)
+    problems = [_problem(n=30, seed=s) for s in (1, 2)]
+    problems[1] = (problems[1][0], problems[1][1], 5.0 * problems[1][2])
+    a, b, C = (np.stack([p[i] for p in problems]) for i in range(3))
+    mus = []
+    original = _solver._smoothing
+    monkeypatch.setattr(_solver, "_smoothing",
+                        lambda *args: mus.append(original(*args)) or mus[-1])
+    batch = sparsity_constrained_ot(a, b, C, 2, 2.0)
+    assert mus and len(set(np.round(mus[0].numpy(), 12))) == 2
+    for i, (ai, bi, Ci) in enumerate(problems):
+        alone = sparsity_constrained_ot(ai, bi, Ci, 2, 2.0)
+        assert alone.binding
+        np.testing.assert_allclose(batch.dual_objective[i], alone.dual_objective,
+                                   rtol=1e-12)
+        np.testing.assert_allclose(batch.plan[i], alone.plan, atol=1e-12)
+
+
+def test_the_smoothed_path_reaches_a_higher_dual_than_the_crawl_where_k_binds(
+        monkeypatch):
+    # Where k binds, L-BFGS on the exact semi-dual crawls along its kink;
+    # the path of smoothed semi-duals must end at least as high, in fewer
+    # iterations, and at or above POT's own optimum (its objective at both
+    # solvers' potentials). 300 x 300, k = 2, a smooth gamma (the
+    # benchmark's "0.1 median(C) n"); full BFGS is kept out.
+    monkeypatch.setattr(_solver, "_FULL_BFGS_MAX_N", 0)
+    a, b, C = _problem(n=300, seed=0)
+    gamma = 0.1 * float(np.median(C)) * 300
+    res = sparsity_constrained_ot(a, b, C, 2, gamma)
+    monkeypatch.setattr(_solver, "_SMOOTH_PATH", ())
+    crawl = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert res.binding and crawl.binding
+    pot = _quiet(ot.smooth.smooth_ot_semi_dual, a, b, C, gamma,
+                 reg_type="sparsity_constrained", max_nz=2, log=True)[1]["alpha"]
+    reg = SparsityConstrained(2, gamma)
+    ours = _quiet(semi_dual_obj_grad, res.alpha, a, b, C, reg)[0]
+    theirs = _quiet(semi_dual_obj_grad, pot, a, b, C, reg)[0]
+    crawled = _quiet(semi_dual_obj_grad, crawl.alpha, a, b, C, reg)[0]
+    assert ours >= theirs and ours >= crawled - 1e-9 * abs(crawled)
+    assert res.n_iter < crawl.n_iter
+    assert res.marginal_error <= 1e-9
 
 
 def test_coarse_start_reaches_the_same_plan(monkeypatch):
@@ -1089,8 +1169,10 @@ def test_newton_polish_stops_early_on_a_kink_and_keeps_its_best_iterate(monkeypa
     # k = 2 binds at this gamma: the dual maximum is a kink, no Newton step
     # on the read-out supports is accepted at a useful length, and without
     # the crawl test the line searches run for the whole patience. (The start
-    # is an L-BFGS iterate near the kink; full BFGS gets past this one.)
+    # is an L-BFGS iterate near the kink of the exact dual, not of a
+    # smoothed one; full BFGS gets past this one.)
     monkeypatch.setattr(_solver, "_FULL_BFGS_MAX_N", 0)
+    monkeypatch.setattr(_solver, "_SMOOTH_PATH", ())
     a, b, C = _problem(n=40, seed=0)
     gamma = 10.0 * np.median(C)
     a_t, b_t, C_t = _t(a), _t(b), _t(C)
