@@ -1477,24 +1477,24 @@ _WORKING_SET_EXTRA_GPU = 3.0
 _FULL_BFGS_MAX_N = 256
 
 
-# Where k binds, the last stage maximizes smoothed semi-duals
-# (:func:`_smoothed_columns`) instead of the exact one, for decreasing mu:
-# each set so that the smoothing costs at most this share of the value
+# Where k binds and full BFGS is not used (above _FULL_BFGS_MAX_N rows), the
+# last stage maximizes smoothed semi-duals (:func:`_smoothed_columns`)
+# instead of the exact one, for decreasing mu: each set so that the
+# smoothing costs at most this share of the value's scale
 # (:func:`_smoothing`), each run for at most max_iter / _SMOOTH_ITER_SHARE
 # L-BFGS iterations. On the exact dual L-BFGS crawls along the kink (its
 # gain falls like 1 / t) until the iteration budget; the smoothed duals are
-# smooth and their gradients read the mixture of supports the kink needs.
-# Measured against the crawl (CPU, one thread, POT's objective at both
-# solvers' potentials, relative to POT's optimum): n = 1000, d = 2, k = 10,
-# 0.1 median(C) n: 1049 -> 424 iterations, 2.08 -> 1.42 s, +1.4e-7 ->
-# +1.7e-7; d = 2, k = 2: 1097 -> 472, 2.14 -> 1.67 s, +2.6e-5 -> +3.0e-5;
-# d = 10, k = 2: 1018 -> 393, 1.88 -> 1.42 s, +6.6e-6 -> +9.5e-6. On the
-# 84 small problems of ``bench_transport.py --hard-binding`` skreg's dual
-# reaches POT's on all (82 with the crawl). Biases fixed in the value's
-# units, not relative, cost up to 6e-5 of the dual at gamma = 100
-# median(C); a budget of max_iter / 10 per run left the n = 200 binding
-# rows (full BFGS) below POT's dual, / 6 made the n = 1000 rows 10-20%
-# slower than / 8.
+# smooth, and their gradients read the mixture of supports the kink needs.
+# Measured against the crawl (CPU, one thread; POT's objective at both
+# solvers' potentials), 0.1 median(C) n, n = 1000: d = 2, k = 10: 1049 ->
+# 424 iterations, 1.94 -> 1.40 s, 2.8e-7 -> 2.4e-7 above POT's optimum (in the
+# value's units);
+# d = 2, k = 2: 1097 -> 472, 2.07 -> 1.65 s, 5.4e-5 -> 6.0e-5 above; d = 10,
+# k = 2: 1018 -> 393, 1.82 -> 1.39 s, 1.0e-4 -> 1.5e-4 above; n = 3000, d = 2,
+# k = 10: 8.06 -> 6.84 s. A bias fixed in the scores' units instead cost up
+# to 6e-5 of the dual at gamma = 100 median(C); on the small problems, where
+# full BFGS gets past the kink, the smoothed runs end on their budgets and
+# made the potentials depend on rounding (up to 1e-6 across units).
 _SMOOTH_PATH = (1e-4, 1e-5, 1e-6)
 _SMOOTH_ITER_SHARE = 8
 _FULL_BFGS_MAX_ENTRIES = 2 ** 22
