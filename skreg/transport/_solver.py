@@ -1475,6 +1475,7 @@ _WORKING_SET_EXTRA_GPU = 3.0
 # the time of L-BFGS with higher duals on two rows and lower on two; at
 # n = 1000, 1.8-2.2x the time.
 _FULL_BFGS_MAX_N = 256
+_FULL_BFGS_MAX_ENTRIES = 2 ** 22
 
 
 # Where k binds and full BFGS is not used (above _FULL_BFGS_MAX_N rows), the
@@ -1486,18 +1487,17 @@ _FULL_BFGS_MAX_N = 256
 # gain falls like 1 / t) until the iteration budget; the smoothed duals are
 # smooth, and their gradients read the mixture of supports the kink needs.
 # Measured against the crawl (CPU, one thread; POT's objective at both
-# solvers' potentials), 0.1 median(C) n, n = 1000: d = 2, k = 10: 1049 ->
-# 424 iterations, 1.94 -> 1.40 s, 2.8e-7 -> 2.4e-7 above POT's optimum (in the
-# value's units);
-# d = 2, k = 2: 1097 -> 472, 2.07 -> 1.65 s, 5.4e-5 -> 6.0e-5 above; d = 10,
-# k = 2: 1018 -> 393, 1.82 -> 1.39 s, 1.0e-4 -> 1.5e-4 above; n = 3000, d = 2,
-# k = 10: 8.06 -> 6.84 s. A bias fixed in the scores' units instead cost up
-# to 6e-5 of the dual at gamma = 100 median(C); on the small problems, where
-# full BFGS gets past the kink, the smoothed runs end on their budgets and
-# made the potentials depend on rounding (up to 1e-6 across units).
+# solvers' potentials, above POT's optimum in the value's units), 0.1
+# median(C) n, n = 1000: d = 2, k = 10: 1049 -> 424 iterations, 1.94 ->
+# 1.40 s, 2.8e-7 -> 2.4e-7 above; d = 2, k = 2: 1097 -> 472, 2.07 -> 1.65 s,
+# 5.4e-5 -> 6.0e-5 above; d = 10, k = 2: 1018 -> 393, 1.82 -> 1.39 s,
+# 1.0e-4 -> 1.5e-4 above; n = 3000, d = 2, k = 10: 8.06 -> 6.84 s. A bias
+# fixed in the scores' units instead cost up to 6e-5 of the dual at gamma =
+# 100 median(C); on the small problems, where full BFGS gets past the kink,
+# the smoothed runs end on their budgets and made the potentials depend on
+# rounding (up to 1e-6 across units).
 _SMOOTH_PATH = (1e-4, 1e-5, 1e-6)
 _SMOOTH_ITER_SHARE = 8
-_FULL_BFGS_MAX_ENTRIES = 2 ** 22
 
 
 # Where k binds, the repair also tries the support of the average of the
