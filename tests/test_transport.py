@@ -470,14 +470,24 @@ def test_the_graphed_lbfgs_iteration_gives_the_eager_solve(monkeypatch, k):
     np.testing.assert_array_equal(res.plan, reference.plan)
 
 
-def test_the_graphed_rounds_give_the_eager_batch(monkeypatch):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_the_graphed_rounds_give_the_eager_batch(monkeypatch, smoothed):
     # A batch whose problems take different numbers of iterations (and whose
     # line searches end at different rounds) through the graphs' control
     # flow, replayed eagerly on the CPU: the same results as the eager
-    # rounds (which retire finished problems, the graphs do not).
+    # rounds (which retire finished problems, the graphs do not). Without
+    # full BFGS the binding problems take the smoothed path, each with its
+    # own mu.
     a, b, C = _routing(6, 8, 32, seed=1)
     gamma = float(np.median(C))
+    mus = []
+    if smoothed:
+        monkeypatch.setattr(_solver, "_FULL_BFGS_MAX_N", 0)
+        original = _solver._smoothing
+        monkeypatch.setattr(_solver, "_smoothing",
+                            lambda *args: mus.append(original(*args)) or mus[-1])
     reference = sparsity_constrained_ot(a, b, C, 2, gamma)
+    assert bool(mus) == smoothed
     outcomes = _count_graphed_steps(monkeypatch, capture=False)
     res = sparsity_constrained_ot(a, b, C, 2, gamma)
     assert outcomes.count("taken") > 0
