@@ -271,6 +271,44 @@ def test_the_smoothed_semi_dual_is_within_its_bound_and_its_gradient_is_exact(k)
     assert gaps[0] > 10 * gaps[-1] and gaps[-1] <= 1e-6 * bound
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_smoothed_columns_are_the_log_sum_exp_of_each_supports_conjugate(k):
+    # Reference: build each support (the top k - 1 scores with the q-th
+    # next one) explicitly, project it onto the simplex, and take
+    # mu log sum_q exp(g_q / mu) and the softmax-weighted mixture of the
+    # projections. Scores with ties and with columns where the last rows
+    # take no mass; mu one per problem.
+    rng = np.random.RandomState(k)
+    picked = torch.as_tensor(rng.randn(2, 7, k + 2))
+    picked = picked.sort(dim=-1, descending=True).values
+    picked[0, 0, k - 1:] = picked[0, 0, k - 1]  # a tie at the kink
+    picked[1, 1, k - 1:] -= 5.0  # the alternatives get no mass
+    mu = torch.tensor([0.3, 1e-3], dtype=torch.float64)
+    value, masses = _solver._smoothed_columns(picked, k, mu)
+    r = 3
+    for i in range(2):
+        for j in range(7):
+            inner, plans = [], []
+            for q in range(r):
+                support = torch.cat([picked[i, j, :k - 1],
+                                     picked[i, j, k - 1 + q:k + q]])
+                t = project_simplex_sorted(support.view(1, -1, 1)).view(-1)
+                inner.append(float((support * t).sum() - 0.5 * (t * t).sum()))
+                plans.append(t)
+            inner = np.array(inner)
+            m = float(mu[i])
+            weights = np.exp((inner - inner.max()) / m)
+            weights /= weights.sum()
+            expected = inner.max() + m * np.log(np.exp((inner - inner.max()) / m).sum())
+            np.testing.assert_allclose(float(value[i, j]), expected, rtol=1e-13,
+                                       atol=1e-13)
+            mixture = np.zeros(k - 1 + r)
+            for q in range(r):
+                mixture[:k - 1] += weights[q] * plans[q][:k - 1].numpy()
+                mixture[k - 1 + q] += weights[q] * float(plans[q][k - 1])
+            np.testing.assert_allclose(masses[i, j].numpy(), mixture, atol=1e-13)
+
+
 def test_a_batch_gets_each_problems_own_smoothing(monkeypatch):
     # mu depends on each problem's masses and costs; a batch must smooth
     # each problem by its own mu, as its separate solve does (the L-BFGS

@@ -160,19 +160,44 @@ def _smoothed_columns(picked, k, mu):
     as the plan at the kink must. Returns the values (``(...)``) and the
     mixture's masses on the candidates (``(..., k - 1 + r)``).
     """
-    r = picked.shape[-1] - k + 1
     spread = mu
     if torch.is_tensor(mu):  # one per problem of the batch (the first dimension)
-        mu = mu.view(-1, *[1] * (picked.dim() - 2))
-        spread = mu.unsqueeze(-1)
-    head = picked[..., :k - 1].unsqueeze(-2).expand(*picked.shape[:-1], r, k - 1)
-    supports = torch.cat([head, picked[..., k - 1:].unsqueeze(-1)], dim=-1)
-    t, _ = _project_sorted(supports, supports.dim() - 1)
-    inner = (supports * t).sum(dim=-1) - 0.5 * (t * t).sum(dim=-1)
-    weights = torch.softmax(inner / spread, dim=-1)
-    value = mu * torch.logsumexp(inner / spread, dim=-1)
-    mixed = weights.unsqueeze(-1) * t
-    masses = torch.cat([mixed[..., :k - 1].sum(dim=-2), mixed[..., k - 1]], dim=-1)
+        mu = mu.view(-1, *[1] * (picked.dim() - 2), 1)
+        spread = mu
+    # The supports share their head, so each projection's threshold comes
+    # from one cumulative sum (scores shifted by the top one, as in
+    # _project_sorted): the q-th support either holds its last row, with the
+    # threshold of all k rows, or not, with the head's own (the support of a
+    # sorted vector is a prefix).
+    top = picked[..., :1]
+    head = picked[..., :k - 1] - top
+    last = picked[..., k - 1:] - top
+    total = torch.zeros_like(top)
+    tau = last - 1.0  # k = 1: each support is its one row
+    if k > 1:
+        cumsum = head.cumsum(dim=-1)
+        ranks = _ranks(k - 1, head.dim(), head.dim() - 1, head.dtype, head.device)
+        size = ((head - (cumsum - 1.0) / ranks) > 0).sum(dim=-1, keepdim=True)
+        size = size.clamp(min=1)
+        own = (cumsum.gather(-1, size - 1) - 1.0) / size.to(head.dtype)
+        total = cumsum[..., -1:]
+        full = (total + last - 1.0) / k
+        tau = torch.where(last > full, full, own)
+    t_head = (head.unsqueeze(-2) - tau.unsqueeze(-1)).clamp(min=0.0)
+    t_last = (last - tau).clamp(min=0.0)
+    # sum_i v_i t_i - |t|^2 / 2 per support, in the scores' own units (the
+    # masses sum to 1, so the shift adds the top score back).
+    inner = (top + (t_head * (head.unsqueeze(-2) - 0.5 * t_head)).sum(dim=-1)
+             + t_last * (last - 0.5 * t_last))
+    # The log-sum-exp and the softmax by hand: torch's own, along a last
+    # dimension of three, cost 56 and 69 us on 1000 columns, this 20.
+    peak = inner.amax(dim=-1, keepdim=True)
+    exp = torch.exp((inner - peak) / spread)
+    norm = exp.sum(dim=-1, keepdim=True)
+    weights = exp / norm
+    value = (peak + mu * torch.log(norm)).squeeze(-1)
+    masses = torch.cat([(weights.unsqueeze(-1) * t_head).sum(dim=-2),
+                        weights * t_last], dim=-1)
     return value, masses
 
 
