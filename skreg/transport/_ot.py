@@ -979,8 +979,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
         the slack stages or the Newton polish).
     max_iter : int, default=1000
         L-BFGS iteration budget of the last continuation stage (see Notes;
-        the preparatory stages stop at ``min(max_iter, 400)``); the Newton
-        polish and the repair have their own, ``max_iter // 10 + 10`` and 200.
+        the preparatory stages stop at ``min(max_iter, 400)``, and where
+        ``max_nz`` binds on more than 256 rows, each of the last stage's three
+        smoothed runs at ``max_iter // 8``); the Newton polish and the repair
+        have their own, ``max_iter // 10 + 10`` and 200.
     tol : float, default=1e-9
         Target marginal L1 error, relative to the total mass (``sum(a)``);
         for float32 input at least ``100 eps`` (1.2e-5). The solver stops
@@ -1056,7 +1058,15 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     spreads over tens of rows per column) down to ``gamma`` by factors of 4,
     each stage warm-started from the previous one and solved with a slack
     sparsity (``max(2k, k + 16)`` rows per column, so the stages above
-    ``gamma`` do not bind), then a last stage with ``k`` itself. From
+    ``gamma`` do not bind), then a last stage with ``k`` itself. Where ``k``
+    binds (the slack plan uses more rows in some column), that stage runs
+    full BFGS up to 256 rows; beyond, it maximizes three smoothed semi-duals
+    in turn (each column's ``maxOmega`` replaced by ``mu log sum_q
+    exp(g_q / mu)`` over the supports of its top ``k - 1`` rows with each of
+    the next three, a lower bound within ``mu log(3) gamma sum_j b_j^2``),
+    ``mu`` falling from ``1e-4`` to ``1e-6`` of the value's scale, each for
+    ``max_iter // 8`` iterations: on the exact dual L-BFGS crawls along the
+    kink. From
     ``n = m = 1000`` on, the first stage starts from the potentials of a
     random subsample of 250 to 1000 points (the row potentials follow from
     its column potentials by the row-wise optimality condition). Every
