@@ -1063,10 +1063,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     full BFGS up to 256 rows; beyond, it maximizes three smoothed semi-duals
     in turn (each column's ``maxOmega`` replaced by ``mu log sum_q
     exp(g_q / mu)`` over the supports of its top ``k - 1`` rows with each of
-    the next three, a lower bound within ``mu log(3) gamma sum_j b_j^2``),
-    ``mu`` falling from ``1e-4`` to ``1e-6`` of the value's scale, each for
-    ``max_iter // 8`` iterations: on the exact dual L-BFGS crawls along the
-    kink. From
+    the next three; the smoothed semi-dual is below the exact one by at most
+    ``mu log(3) gamma sum_j b_j^2``), ``mu`` falling from ``1e-4`` to
+    ``1e-6`` of the value's scale, each for ``max_iter // 8`` iterations: on
+    the exact dual L-BFGS crawls along the kink. From
     ``n = m = 1000`` on, the first stage starts from the potentials of a
     random subsample of 250 to 1000 points (the row potentials follow from
     its column potentials by the row-wise optimality condition). Every
