@@ -980,9 +980,10 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     max_iter : int, default=1000
         L-BFGS iteration budget of the last continuation stage (see Notes;
         the preparatory stages stop at ``min(max_iter, 400)``, and where
-        ``max_nz`` binds on more than 256 rows, each of the last stage's three
-        smoothed runs at ``max_iter // 8``); the Newton polish and the repair
-        have their own, ``max_iter // 10 + 10`` and 200.
+        ``max_nz`` binds on more than 256 rows, the last stage's three
+        smoothed runs at ``max_iter // 16``, ``// 16`` and ``// 8``); the
+        Newton polish and the repair have their own, ``max_iter // 10 + 10``
+        and 200.
     tol : float, default=1e-9
         Target marginal L1 error, relative to the total mass (``sum(a)``);
         for float32 input at least ``100 eps`` (1.2e-5). The solver stops
@@ -1065,8 +1066,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     exp(g_q / mu)`` over the supports of its top ``k - 1`` rows with each of
     the next three; the smoothed semi-dual is below the exact one by at most
     ``mu log(3) gamma sum_j b_j^2``), ``mu`` falling from ``1e-4`` to
-    ``1e-6`` of the value's scale, each for ``max_iter // 8`` iterations: on
-    the exact dual L-BFGS crawls along the kink. From
+    ``1e-6`` of the value's scale, for ``max_iter // 16``, ``max_iter // 16``
+    and ``max_iter // 8`` iterations: on the exact dual L-BFGS crawls along
+    the kink. From
     ``n = m = 1000`` on, the first stage starts from the potentials of a
     random subsample of 250 to 1000 points (the row potentials follow from
     its column potentials by the row-wise optimality condition). Every

@@ -1506,26 +1506,29 @@ _FULL_BFGS_MAX_ENTRIES = 2 ** 22
 # Where k binds and full BFGS is not used (above _FULL_BFGS_MAX_N rows), the
 # last stage maximizes smoothed semi-duals (:func:`_smoothed_columns`)
 # instead of the exact one, for decreasing mu: each set so that the
-# smoothing costs at most this share of the value's scale
-# (:func:`_smoothing`), each run for at most max_iter / _SMOOTH_ITER_SHARE
-# L-BFGS iterations. On the exact dual L-BFGS crawls along the kink (its
-# gain falls like 1 / t) until the iteration budget; the smoothed duals are
-# smooth, and their gradients read the mixture of supports the kink needs.
+# smoothing costs at most the first number's share of the value's scale
+# (:func:`_smoothing`), each run for at most max_iter / the second number
+# L-BFGS iterations (the first two only prepare the last). On the exact
+# dual L-BFGS crawls along the kink (its gain falls like 1 / t) until the
+# iteration budget; the smoothed duals are smooth, and their gradients read
+# the mixture of supports the kink needs.
 # Measured against the crawl (CPU, one thread; POT's objective at both
 # solvers' potentials, above POT's optimum in the value's units), 0.1
-# median(C) n, n = 1000: d = 2, k = 10: 1049 -> 424 iterations, 1.94 ->
-# 1.40 s, 2.8e-7 -> 2.4e-7 above; d = 2, k = 2: 1097 -> 472, 2.07 -> 1.65 s,
-# 5.4e-5 -> 6.0e-5 above; d = 10, k = 2: 1018 -> 393, 1.82 -> 1.39 s,
-# 1.0e-4 -> 1.5e-4 above; n = 3000, d = 2, k = 10: 8.06 -> 6.84 s. A bias
+# median(C) n, n = 1000: d = 2, k = 10: 1049 -> 298 iterations, 1.94 ->
+# 1.22 s, 2.8e-7 -> 2.2e-7 above; d = 2, k = 2: 1097 -> 346, 2.07 -> 1.41 s,
+# 5.4e-5 -> 5.7e-5 above; d = 10, k = 2: 1018 -> 267, 1.82 -> 1.16 s,
+# 1.0e-4 -> 1.4e-4 above; n = 3000, d = 2, k = 10: 8.06 -> 6.00 s. A bias
 # fixed in the scores' units instead cost up to 6e-5 of the dual at gamma =
 # 100 median(C); on the small problems, where full BFGS gets past the kink,
 # the smoothed runs end on their budgets and made the potentials depend on
 # rounding (up to 1e-6 across units). Two supports per column
-# (_SMOOTH_SUPPORTS) ended lower (d = 2, k = 10: 3.9e-8 above), four a
-# little higher in 3-7% more time; a budget of max_iter / 10 was 5-10%
-# faster with smaller margins (1.15e-7 above).
-_SMOOTH_PATH = (1e-4, 1e-5, 1e-6)
-_SMOOTH_ITER_SHARE = 8
+# (_SMOOTH_SUPPORTS) ended lower (d = 2, k = 10: 3.9e-8 above, relative,
+# against 1.2e-7), four a little higher in 3-7% more time; every run at
+# max_iter / 10 was 5-10% faster with smaller margins; the first two runs at
+# max_iter / 16 instead of / 8 took the three binding 0.1 median(C) n
+# rows from 1.55 / 1.40 / 1.35 s to 1.38 / 1.18 / 1.14 s, their duals
+# 6.0e-5 / 2.4e-7 / 1.49e-4 -> 5.7e-5 / 2.2e-7 / 1.38e-4 above POT's.
+_SMOOTH_PATH = ((1e-4, 16), (1e-5, 16), (1e-6, 8))
 
 
 # Where k binds, the repair also tries the support of the average of the
@@ -1847,9 +1850,9 @@ def solve_semi_dual(a, b, C, gamma, k, *, max_iter=1000, tol=1e-10, patience=10)
             # a path of smoothed semi-duals (decreasing mu) replaces the
             # crawl along the kink; the others run as before.
             runs = [(0.0, active & ~binds, budget, None, 0)] + [
-                (bias, active & binds, max(budget // _SMOOTH_ITER_SHARE, 1), None,
+                (bias, active & binds, max(budget // share, 1), None,
                  trace if i == len(_SMOOTH_PATH) - 1 else 0)
-                for i, bias in enumerate(_SMOOTH_PATH)]
+                for i, (bias, share) in enumerate(_SMOOTH_PATH)]
         for bias, run_active, run_budget, run_full, run_trace in runs:
             if not bool(run_active.any()):
                 continue
