@@ -1095,7 +1095,9 @@ def test_repair_tries_the_capped_support_where_the_gap_is_large(monkeypatch):
         results[rule] = res
     without, with_capped = results[np.inf], results[_ot._CAPPED_MIN_GAP]
     assert without.duality_gap > 1e-2 * abs(without.dual_objective)
-    assert with_capped.primal_objective < without.primal_objective - 0.1
+    # It closes a fair share of the other supports' gap to the dual.
+    gained = without.primal_objective - with_capped.primal_objective
+    assert gained > 0.2 * without.duality_gap
     assert with_capped.dual_objective == pytest.approx(without.dual_objective,
                                                        rel=1e-12)
 
@@ -1795,6 +1797,24 @@ def test_massless_rows_and_columns_receive_nothing():
     np.testing.assert_allclose(res.beta[2], (C[rows, 2] - alone.alpha).min())
     np.testing.assert_allclose(res.alpha[[1, 4]],
                                (C[[1, 4]] - res.beta[None, :]).min(axis=1))
+
+
+def test_massless_rows_change_nothing_in_the_others_to_the_last_bit():
+    # Where k binds, rounding alone can change the plan, so a massless row
+    # must leave the others' problem exactly as it is without it, even where
+    # it holds the least cost (the level the costs are shifted to).
+    a, b, C = _problem(n=30, m=30, seed=3)
+    a[[2, 9]] = 0.0
+    a /= a.sum()
+    C[2, 5] = C.min() - 3.0
+    rows = a > 0
+    res = sparsity_constrained_ot(a, b, C, 2, 0.5)
+    alone = sparsity_constrained_ot(a[rows], b, C[rows], 2, 0.5)
+    assert res.binding and res.marginal_error <= 1e-9
+    np.testing.assert_array_equal(res.plan[rows], alone.plan)
+    np.testing.assert_array_equal(res.alpha[rows], alone.alpha)
+    np.testing.assert_array_equal(res.beta, alone.beta)
+    assert res.dual_objective == alone.dual_objective
 
 
 def test_a_missed_marginal_raises_a_convergence_warning():

@@ -65,9 +65,13 @@ def _to_unit(T):
     return times_power_of_two(T, -exponent), exponent
 
 
-def _unit_pair(X, Y):
+def _unit_pair(X, Y, held=None):
     """``X`` and ``Y`` about their joint mean, divided by one power of two to
     entries of at most 1, and its exponent.
+
+    ``held`` (a boolean mask over the rows of ``X`` then ``Y``) takes the
+    mean and the scale from those rows alone (the others follow them), so
+    that rows outside it change nothing in the rows inside.
 
     Distances between them are ``2^exponent`` times the originals: squared
     distances of data beyond 1e154 no longer overflow, nor those below 1e-162
@@ -77,8 +81,15 @@ def _unit_pair(X, Y):
     the subtraction of the mean, which is computed at unit scale so that it
     cannot overflow.
     """
-    both, exponent = _to_unit(torch.cat([X, Y]))
-    both, shift = _to_unit(both - both.mean(dim=0))
+    def chosen(T):
+        return T if held is None else T[held]
+
+    both = torch.cat([X, Y])
+    exponent = _to_unit(chosen(both))[1]
+    both = times_power_of_two(both, -exponent)
+    both = both - chosen(both).mean(dim=0)
+    shift = _to_unit(chosen(both))[1]
+    both = times_power_of_two(both, -shift)
     return both[:len(X)], both[len(X):], exponent + shift
 
 
@@ -263,10 +274,22 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         # there are max_nz per target sample with mass.
         sources, targets = int(np.count_nonzero(a)), int(np.count_nonzero(b))
         self.max_nz_ = min(max(self.max_nz, -(-sources // targets)), X.shape[0])
-        # The cost at unit scale, C * 2^exponent in X's units.
+        # The cost at unit scale, C * 2^exponent in X's units. A sample of
+        # weight zero is as if absent, to the last bit: the scale and the
+        # costs between the samples with mass are computed without it (the
+        # solver then drops it), since where max_nz binds a difference in
+        # rounding alone can change the plan.
+        rows, cols = a > 0, b > 0
+        held = np.concatenate([rows, cols])
         Xs_t, Xt_t, exponent = _unit_pair(to_tensor(X, device),
-                                          to_tensor(Xt, device))
+                                          to_tensor(Xt, device),
+                                          None if held.all() else held)
         C = _cost_matrix(Xs_t, Xt_t, self.metric)
+        if not held.all():
+            rows_t, cols_t = (torch.as_tensor(np.flatnonzero(m), device=C.device)
+                              for m in (rows, cols))
+            C[rows_t.unsqueeze(1), cols_t] = _cost_matrix(
+                Xs_t[rows_t], Xt_t[cols_t], self.metric)
         if self.metric == "sqeuclidean":
             exponent *= 2
         scale, gamma = 1.0, self.gamma
@@ -289,8 +312,8 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 torch.max)
             # Over the samples with mass: a sample of weight zero is as if
             # absent.
-            used = C[torch.as_tensor(a > 0, device=C.device)][
-                :, torch.as_tensor(b > 0, device=C.device)]
+            used = C[torch.as_tensor(rows, device=C.device)][
+                :, torch.as_tensor(cols, device=C.device)]
             scale = float(reduce(used))
             if not np.isfinite(scale) or scale <= 0:
                 # All samples coincide: every plan costs zero, any scale works.

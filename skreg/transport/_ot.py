@@ -1049,8 +1049,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     \max\Omega_j((\alpha - C_{:, j}))` whose maximizer in column ``j`` is
     :math:`P_k((\alpha - C_{:, j}) / (\gamma b_j))`: the Euclidean projection
     onto the simplex of the ``k`` largest entries. Ties between the ``k``-th
-    and ``(k+1)``-th entries are broken by :func:`torch.topk`; the repair then
-    treats the chosen rows as given. The dual is :math:`\max_{\alpha, \beta}
+    and ``(k+1)``-th entries are broken by the selection (:func:`torch.topk`
+    on a GPU, NumPy's sorts on the CPU); the repair then treats the chosen
+    rows as given. The dual is :math:`\max_{\alpha, \beta}
     \langle\alpha, a\rangle + \langle\beta, b\rangle - \sum_j \frac{1}{2\gamma}
     \sum_{\text{top-}k} [\alpha + \beta_j - C_{:, j}]_+^2`.
 
@@ -1142,7 +1143,11 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     mass = _mass_scale(a64)
     unit = _cost_unit(C64, mass, float(gamma))
     C64 = C64 / unit.view(-1, 1, 1)
-    low = C64.amin(dim=(1, 2))
+    # The least cost between a row and a column with mass: the massless ones
+    # are dropped before the solve (_solve_reduced), and what is left must
+    # be the very problem given without them.
+    held = (a64 > 0).unsqueeze(2) & (b64 > 0).unsqueeze(1)
+    low = torch.where(held, C64, torch.inf).amin(dim=(1, 2))
     a64, b64 = a64 / mass.unsqueeze(1), b64 / mass.unsqueeze(1)
     # gamma in each problem's units: gamma itself wherever unit is mass.
     gammas = [math.ldexp(float(gamma), int(e)) for e in
