@@ -56,8 +56,11 @@ def _masses(weight, X, name):
         raise ValueError(
             f"{name} must be nonnegative and not all zero (a positive sum).")
     # Relative to the largest first: the sum of weights near 1e308 overflows.
+    # The total is summed over the positive weights alone: zeros among them
+    # change the rounding of a sum, and a sample of weight zero is as if
+    # absent, to the last bit.
     weight = weight / weight.max()
-    return weight / weight.sum()
+    return weight / weight[weight > 0].sum()
 
 
 def _to_unit(T):

@@ -1135,48 +1135,110 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     # cannot carry errors below its own resolution: the target is that.
     tol = max(tol, 100 * torch.finfo(C_t.dtype).eps)
     a64, b64, C64 = (x.to(torch.float64) for x in (a_t, b_t, C_t))
+    k = int(max_nz)
+    if bool((a64 > 0).all()) and bool((b64 > 0).all()):
+        fields = _solve_in_units(_in_units(a64, b64, C64, k, gamma, formulation),
+                                 formulation, max_iter, tol, repair)
+    else:
+        fields = _solve_without_massless(a64, b64, C64, k, gamma, formulation,
+                                         max_iter, tol, repair)
+    fields = {name: value.to(C_t.dtype) if value.is_floating_point() else value
+              for name, value in fields.items()}
+    return _package(fields, fields["primal_objective"], a, b, C_in, gamma_in, a_t, b_t,
+                    batched, is_torch)
+
+
+def _in_units(a, b, C, k, gamma, formulation):
+    """The problems in their solving units, checked: a dict for
+    :func:`_solve_in_units`.
+
+    Masses in units of :func:`_mass_scale`, costs in units of
+    :func:`_cost_unit` and shifted to a zero minimum (:func:`_shifted`),
+    ``gamma`` in each problem's units; raises (:func:`_check_resolution`)
+    before any solve.
+    """
     # Totals equal up to the validation's 1e-6 (masses normalized in float32,
     # say) are made equal, as POT's emd does: with unequal totals the
     # semi-dual has no maximum (its gradient keeps a constant part), and a
     # difference of 1.5e-8 left plans 0.45 off the marginals at k = 1.
-    b64 = b64 * (a64.sum(dim=1) / b64.sum(dim=1)).unsqueeze(1)
-    mass = _mass_scale(a64)
-    unit = _cost_unit(C64, mass, float(gamma))
-    C64 = C64 / unit.view(-1, 1, 1)
-    # The least cost between a row and a column with mass: the massless ones
-    # are dropped before the solve (_solve_reduced), and what is left must
-    # be the very problem given without them.
-    held = (a64 > 0).unsqueeze(2) & (b64 > 0).unsqueeze(1)
-    low = torch.where(held, C64, torch.inf).amin(dim=(1, 2))
-    a64, b64 = a64 / mass.unsqueeze(1), b64 / mass.unsqueeze(1)
+    b = b * (a.sum(dim=1) / b.sum(dim=1)).unsqueeze(1)
+    mass = _mass_scale(a)
+    unit = _cost_unit(C, mass, float(gamma))
+    C = C / unit.view(-1, 1, 1)
+    low = C.amin(dim=(1, 2))
+    C = C - low.view(-1, 1, 1)
+    a, b = a / mass.unsqueeze(1), b / mass.unsqueeze(1)
     # gamma in each problem's units: gamma itself wherever unit is mass.
     gammas = [math.ldexp(float(gamma), int(e)) for e in
               (torch.log2(mass) - torch.log2(unit)).tolist()]
-    _check_resolution(a64, b64, C64 - low.view(-1, 1, 1), int(max_nz),
-                      torch.tensor(gammas, dtype=torch.float64, device=device),
+    _check_resolution(a, b, C, k, torch.tensor(gammas, dtype=torch.float64,
+                                               device=C.device),
                       float(gamma), formulation)
+    return {"a": a, "b": b, "C": C, "k": k, "mass": mass, "unit": unit, "low": low,
+            "gammas": gammas}
+
+
+def _solve_in_units(problem, formulation, max_iter, tol, repair, stacklevel=4):
+    """Solve the problems of :func:`_in_units` (every mass positive); the
+    fields in the caller's units, float64. ``stacklevel`` points a
+    convergence warning at the caller of :func:`sparsity_constrained_ot`."""
+    a, b, C, gammas = problem["a"], problem["b"], problem["C"], problem["gammas"]
     # Problems in the same units are solved together (the whole batch, unless
     # some costs are extreme), so a batch still returns its looped solves.
     groups = {}
     for i, g in enumerate(gammas):
         groups.setdefault(g, []).append(i)
-    C64 = C64 - low.view(-1, 1, 1)
     parts = []
     for g, rows in groups.items():
-        pick = slice(None) if len(groups) == 1 else torch.tensor(rows, device=device)
-        part, _ = _solve_reduced(a64[pick], b64[pick], C64[pick], int(max_nz), g,
-                                 formulation, max_iter, tol, repair)
+        pick = slice(None) if len(groups) == 1 else torch.tensor(rows, device=C.device)
+        part, _ = _solve(a[pick], b[pick], C[pick], problem["k"], g, formulation,
+                         max_iter, tol, repair, stacklevel)
         parts.append(part)
     fields = parts[0]
     if len(groups) > 1:
-        back = torch.argsort(torch.tensor(sum(groups.values(), []), device=device))
+        back = torch.argsort(torch.tensor(sum(groups.values(), []), device=C.device))
         fields = {name: torch.cat([part[name] for part in parts])[back]
                   for name in fields}
-    fields = _shifted(fields, low, a64)
-    fields = {name: value.to(C_t.dtype) if value.is_floating_point() else value
-              for name, value in _rescaled(fields, mass, unit).items()}
-    return _package(fields, fields["primal_objective"], a, b, C_in, gamma_in, a_t, b_t,
-                    batched, is_torch)
+    fields = _shifted(fields, problem["low"], a)
+    return _rescaled(fields, problem["mass"], problem["unit"])
+
+
+def _solve_without_massless(a, b, C, k, gamma, formulation, max_iter, tol, repair):
+    """Drop massless rows and columns, solve, and put them back.
+
+    A massless row or column carries nothing in any plan but slows the solver
+    (its optimal potential is minus infinity), so each problem is solved
+    without them, from its scaling on (sums, units, the costs' minimum), so
+    that its result is, to the last bit, that of the problem given without
+    them (where k binds, a difference in rounding alone can change the
+    plan). A removed entry's potential is then the c-transform of the
+    others, which keeps the pair dual feasible.
+    """
+    kept = [(torch.nonzero(a[i] > 0).squeeze(1), torch.nonzero(b[i] > 0).squeeze(1))
+            for i in range(C.shape[0])]
+    # Every problem is checked before any is solved.
+    problems = [_in_units(a[i:i + 1, rows], b[i:i + 1, cols],
+                          C[i][rows][:, cols].unsqueeze(0), min(k, rows.numel()),
+                          gamma, formulation)
+                for i, (rows, cols) in enumerate(kept)]
+    outs = []
+    for i, ((rows, cols), problem) in enumerate(zip(kept, problems, strict=True)):
+        fields = _solve_in_units(problem, formulation, max_iter, tol, repair,
+                                 stacklevel=5)
+        plan = torch.zeros_like(C[i:i + 1])
+        plan[0, rows.unsqueeze(1), cols.unsqueeze(0)] = fields["plan"][0]
+        fields["plan"] = plan
+        # Only the removed entries are filled, the columns' from the rows
+        # with mass, then the rows' from every column (all finite by then).
+        alpha, beta = torch.empty_like(a[i]), torch.empty_like(b[i])
+        alpha[rows], beta[cols] = fields["alpha"][0], fields["beta"][0]
+        missing = b[i] <= 0
+        beta[missing] = (C[i][rows][:, missing] - alpha[rows].unsqueeze(1)).amin(dim=0)
+        missing = a[i] <= 0
+        alpha[missing] = (C[i][missing] - beta.unsqueeze(0)).amin(dim=1)
+        fields["alpha"], fields["beta"] = alpha.unsqueeze(0), beta.unsqueeze(0)
+        outs.append(fields)
+    return {name: torch.cat([o[name] for o in outs]) for name in outs[0]}
 
 
 # The coarsest resolution of a plan entry, relative to its column's mass,
@@ -1324,43 +1386,7 @@ def _rescaled(fields, mass, unit):
     return out
 
 
-def _solve_reduced(a, b, C, k, gamma, formulation, max_iter, tol, repair):
-    """Drop massless rows and columns, solve, and put them back.
-
-    A massless row or column carries nothing in any plan but slows the solver
-    (its optimal potential is minus infinity), so it is removed; its potential
-    is then the c-transform of the others, which keeps the pair dual feasible.
-    """
-    if bool((a > 0).all()) and bool((b > 0).all()):
-        return _solve(a, b, C, k, gamma, formulation, max_iter, tol, repair)
-    outs = []
-    for i in range(C.shape[0]):
-        rows = torch.nonzero(a[i] > 0).squeeze(1)
-        cols = torch.nonzero(b[i] > 0).squeeze(1)
-        sub_C = C[i][rows][:, cols].unsqueeze(0)
-        fields, _ = _solve(a[i, rows].unsqueeze(0), b[i, cols].unsqueeze(0), sub_C,
-                           min(k, rows.numel()), gamma, formulation, max_iter, tol,
-                           repair)
-        plan = torch.zeros_like(C[i:i + 1])
-        plan[0, rows.unsqueeze(1), cols.unsqueeze(0)] = fields["plan"][0]
-        fields["plan"] = plan
-        # Only the removed entries are filled, the columns' from the rows
-        # with mass, then the rows' from every column (all finite by then):
-        # a removed row's +inf placeholder entering the columns' c-transform
-        # had made every beta -inf.
-        alpha, beta = torch.empty_like(a[i]), torch.empty_like(b[i])
-        alpha[rows], beta[cols] = fields["alpha"][0], fields["beta"][0]
-        missing = b[i] <= 0
-        beta[missing] = (C[i][rows][:, missing] - alpha[rows].unsqueeze(1)).amin(dim=0)
-        missing = a[i] <= 0
-        alpha[missing] = (C[i][missing] - beta.unsqueeze(0)).amin(dim=1)
-        fields["alpha"], fields["beta"] = alpha.unsqueeze(0), beta.unsqueeze(0)
-        outs.append(fields)
-    fields = {name: torch.cat([o[name] for o in outs]) for name in outs[0]}
-    return fields, fields["primal_objective"]
-
-
-def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
+def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair, stacklevel):
     tol_eff = max(tol, 100 * torch.finfo(C_t.dtype).eps)
     # tol is relative to the total mass (near 1 here, see _mass_scale): each
     # problem's error limit, and the solver's (at least as strict).
@@ -1449,7 +1475,7 @@ def _solve(a_t, b_t, C_t, k, gamma, formulation, max_iter, tol, repair):
             f"after {int(res.n_iter.max())}"
             f" iterations; {why}",
             ConvergenceWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
     fields = {
