@@ -1817,6 +1817,26 @@ def test_massless_rows_change_nothing_in_the_others_to_the_last_bit():
     assert res.dual_objective == alone.dual_objective
 
 
+def test_a_batch_with_massless_entries_gives_the_looped_results():
+    # One problem of the batch has a massless row and column, the other none:
+    # each gets, bit for bit, what it gets alone.
+    (a0, b0, C0), (a1, b1, C1) = _problem(n=12, m=10, seed=4), _problem(n=12, m=10,
+                                                                       seed=5)
+    a0[3], b0[7] = 0.0, 0.0
+    a0 /= a0.sum()
+    b0 /= b0.sum()
+    batched = sparsity_constrained_ot(np.stack([a0, a1]), np.stack([b0, b1]),
+                                      np.stack([C0, C1]), 3, 0.5)
+    for i, (a, b, C) in enumerate([(a0, b0, C0), (a1, b1, C1)]):
+        alone = sparsity_constrained_ot(a, b, C, 3, 0.5)
+        np.testing.assert_array_equal(batched.plan[i], alone.plan)
+        np.testing.assert_array_equal(batched.alpha[i], alone.alpha)
+        np.testing.assert_array_equal(batched.beta[i], alone.beta)
+        assert batched.duality_gap[i] == alone.duality_gap
+    assert not batched.plan[0][3].any() and not batched.plan[0][:, 7].any()
+    assert (batched.marginal_error <= 1e-9).all()
+
+
 def test_a_missed_marginal_raises_a_convergence_warning():
     a, b, C = _problem(n=30, seed=12)
     with pytest.warns(ConvergenceWarning, match="misses the marginals.*repair=True"):
