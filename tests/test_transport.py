@@ -25,8 +25,10 @@ from skreg.transport import (
 )
 from skreg.transport._degree import degree_capped_plan
 from skreg.transport._solver import (
+    _PARTITION_MIN,
     _laplacian_dense,
     _sparse_solve,
+    _top_rows,
     _working_set_size,
     _WorkingSet,
     dual_objective,
@@ -1797,6 +1799,32 @@ def test_massless_rows_and_columns_receive_nothing():
     np.testing.assert_allclose(res.beta[2], (C[rows, 2] - alone.alpha).min())
     np.testing.assert_allclose(res.alpha[[1, 4]],
                                (C[[1, 4]] - res.beta[None, :]).min(axis=1))
+
+
+@pytest.mark.parametrize("shape, k", [((3, 40, 27), 18), ((2, 5, 300), 28),
+                                      ((4, 300), 7), ((2, 6, 10), 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_selection_is_topk_whatever_its_path(shape, k, threads):
+    # NumPy's argsort (k over half the row), its argpartition (rows of
+    # _PARTITION_MIN or more) with one thread, torch.topk otherwise: on
+    # tie-free scores each gives topk's values and positions, and the values
+    # carry the gradient.
+    # The rows of 300 take the partition (with one thread).
+    assert 300 >= _PARTITION_MIN > 27
+    scores = torch.as_tensor(np.random.RandomState(0).randn(*shape)).requires_grad_()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, indices = _top_rows(scores, k)
+    finally:
+        torch.set_num_threads(previous)
+    expected = scores.topk(k, dim=-1)
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    torch.testing.assert_close(indices, expected.indices, rtol=0, atol=0)
+    weights = torch.as_tensor(np.random.RandomState(1).randn(*values.shape))
+    (grad,) = torch.autograd.grad((values * weights).sum(), scores)
+    reference = torch.zeros_like(scores).scatter(-1, expected.indices, weights)
+    torch.testing.assert_close(grad, reference, rtol=0, atol=0)
 
 
 def test_massless_rows_change_nothing_in_the_others_to_the_last_bit():

@@ -1049,9 +1049,9 @@ def sparsity_constrained_ot(a, b, C, max_nz, gamma, *, formulation="semi_dual",
     \max\Omega_j((\alpha - C_{:, j}))` whose maximizer in column ``j`` is
     :math:`P_k((\alpha - C_{:, j}) / (\gamma b_j))`: the Euclidean projection
     onto the simplex of the ``k`` largest entries. Ties between the ``k``-th
-    and ``(k+1)``-th entries are broken by the selection (:func:`torch.topk`
-    on a GPU, NumPy's sorts on the CPU); the repair then treats the chosen
-    rows as given. The dual is :math:`\max_{\alpha, \beta}
+    and ``(k+1)``-th entries are broken by the selection (NumPy's sorts on
+    the CPU with one torch thread, :func:`torch.topk` otherwise); the repair
+    then treats the chosen rows as given. The dual is :math:`\max_{\alpha, \beta}
     \langle\alpha, a\rangle + \langle\beta, b\rangle - \sum_j \frac{1}{2\gamma}
     \sum_{\text{top-}k} [\alpha + \beta_j - C_{:, j}]_+^2`.
 

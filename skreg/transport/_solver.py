@@ -124,16 +124,20 @@ def _top_rows(scores, k):
     """The ``k`` largest entries along the last dimension, sorted, and their
     positions: ``(values, indices)``, as :func:`torch.topk`.
 
-    On the CPU, for a ``k`` of more than half the row, NumPy's ``argsort``,
-    and for a long row (:data:`_PARTITION_MIN` entries or more) its
-    ``argpartition`` and a sort of the ``k`` kept: :func:`torch.topk` there
-    costs more per row (measured in float64, one thread: 1000 rows of 27,
-    top-18: 0.64 ms against 0.33 ms; 1000 x 1000, top-28: 10.5 ms against
-    6.0 ms; 3000 x 3000 in blocks of 128 rows: 68 ms against 38 ms). The
-    values are gathered from ``scores`` (autograd flows through them).
+    On the CPU with one torch thread, for a ``k`` of more than half the row,
+    NumPy's ``argsort``, and for a long row (:data:`_PARTITION_MIN` entries
+    or more) its ``argpartition`` and a sort of the ``k`` kept:
+    :func:`torch.topk` there costs more per row (measured in float64: 1000
+    rows of 27, top-18: 0.64 ms against 0.33 ms; 1000 x 1000, top-28: 10.5
+    ms against 6.0 ms; 3000 x 3000 in blocks of 128 rows: 51-68 ms against
+    36-38 ms). With more threads :func:`torch.topk` shares the rows out
+    and NumPy does not (two threads, 3000 x 3000: 23 ms against 36 ms), so
+    it stays. The values are gathered from ``scores`` (autograd flows
+    through them).
     """
     width = scores.shape[-1]
-    if scores.device.type != "cpu" or (2 * k <= width < _PARTITION_MIN):
+    if (scores.device.type != "cpu" or (2 * k <= width < _PARTITION_MIN)
+            or torch.get_num_threads() > 1):
         return scores.topk(k, dim=-1)
     flat = scores.detach().reshape(-1, width).numpy()
     if 2 * k > width:
