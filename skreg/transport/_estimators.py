@@ -283,12 +283,13 @@ class SparseOTTransport(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         # solver then drops it), since where max_nz binds a difference in
         # rounding alone can change the plan.
         rows, cols = a > 0, b > 0
-        held = np.concatenate([rows, cols])
-        Xs_t, Xt_t, exponent = _unit_pair(to_tensor(X, device),
-                                          to_tensor(Xt, device),
-                                          None if held.all() else held)
+        Xs_t, Xt_t = to_tensor(X, device), to_tensor(Xt, device)
+        everything = bool(rows.all() and cols.all())
+        held = None if everything else torch.as_tensor(
+            np.concatenate([rows, cols]), device=Xs_t.device)
+        Xs_t, Xt_t, exponent = _unit_pair(Xs_t, Xt_t, held)
         C = _cost_matrix(Xs_t, Xt_t, self.metric)
-        if not held.all():
+        if not everything:
             rows_t, cols_t = (torch.as_tensor(np.flatnonzero(m), device=C.device)
                               for m in (rows, cols))
             C[rows_t.unsqueeze(1), cols_t] = _cost_matrix(
