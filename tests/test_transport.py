@@ -1802,7 +1802,8 @@ def test_massless_rows_and_columns_receive_nothing():
 
 
 @pytest.mark.parametrize("shape, k", [((3, 40, 27), 18), ((2, 5, 300), 28),
-                                      ((4, 300), 7), ((2, 6, 10), 4)])
+                                      ((4, 300), 7), ((2, 6, 10), 4),
+                                      ((2, 6, 10), 10)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_selection_is_topk_whatever_its_path(shape, k, threads):
     # NumPy's argsort (k over half the row), its argpartition (rows of
