@@ -932,13 +932,18 @@ class _LbfgsState:
         new_value = torch.where(ok.squeeze(1), new_value, self.value)
         new_grad = torch.where(ok, new_grad, grad)
         s, y = new_x - x, grad - new_grad
-        curved = ((s * y).sum(dim=1) > 1e-30).view(-1, 1, 1)
         if self.hess is not None:
             _bfgs_update(self.hess, s, y)
-        s_mem = torch.where(curved, torch.cat([self.s_mem[:, 1:], s.unsqueeze(1)], 1),
-                            self.s_mem)
-        y_mem = torch.where(curved, torch.cat([self.y_mem[:, 1:], y.unsqueeze(1)], 1),
-                            self.y_mem)
+        if self.hess is not None and self.all_full:
+            # Every problem runs full BFGS: the pairs are not read (measured:
+            # 4-5% of the small binding problems' solves, the same results).
+            s_mem, y_mem = self.s_mem, self.y_mem
+        else:
+            curved = ((s * y).sum(dim=1) > 1e-30).view(-1, 1, 1)
+            s_mem = torch.where(curved, torch.cat([self.s_mem[:, 1:], s.unsqueeze(1)],
+                                                  1), self.s_mem)
+            y_mem = torch.where(curved, torch.cat([self.y_mem[:, 1:], y.unsqueeze(1)],
+                                                  1), self.y_mem)
         patience = self.history.shape[1]
         # At a kink of the dual the error can wander for ever while the value
         # is settled to rounding: that is the stall. The error itself often
@@ -1133,7 +1138,8 @@ def _lbfgs(fun, x, max_iter, tol, scale, memory=10, patience=20, pairs=None,
     and line search (:class:`_LbfgsState`), so a problem of a batch follows
     the path it follows alone. ``pairs`` (``(s, y)``, each
     ``(B, memory, n)``) starts from an earlier run's pairs. Returns ``(x,
-    n_iter, pairs, traced)``: ``n_iter`` (``(B,)``) counts each problem's
+    n_iter, pairs, traced)`` (the pairs as given where every problem runs
+    full BFGS, which does not read them): ``n_iter`` (``(B,)``) counts each problem's
     iterations; ``traced`` is None without ``trace``, else the extras at each
     problem's last ``trace`` accepted steps and which are real
     (:meth:`_LbfgsState.traced`).
